@@ -1,0 +1,37 @@
+"""The input contract: table and column names, defined once and imported everywhere.
+
+A data directory holds `transactions`, `customers` and `products`, each as `.parquet` or `.csv`.
+After loading, ids are always text (`pl.Utf8`) exactly as they came in, so a feed gives them back unchanged.
+"""
+
+from __future__ import annotations
+
+TRANSACTIONS = "transactions"
+CUSTOMERS = "customers"
+PRODUCTS = "products"
+TABLES = (TRANSACTIONS, CUSTOMERS, PRODUCTS)
+FILE_SUFFIXES = (".parquet", ".csv")
+
+CUSTOMER_ID = "customer_id"
+PRODUCT_ID = "product_id"
+TS = "ts"
+QUANTITY = "quantity"
+
+# Columns every table must have (quantity is optional and defaults to 1).
+REQUIRED_COLUMNS = {
+    TRANSACTIONS: (CUSTOMER_ID, PRODUCT_ID, TS),
+    CUSTOMERS: (CUSTOMER_ID,),
+    PRODUCTS: (PRODUCT_ID,),
+}
+ID_COLUMN = {CUSTOMERS: CUSTOMER_ID, PRODUCTS: PRODUCT_ID}
+
+# Feature roles, inferred from dtypes unless the YAML config overrides them.
+DENSE = "dense"
+CATEGORICAL = "categorical"
+MULTI_CATEGORICAL = "multi_categorical"
+ROLES = (DENSE, CATEGORICAL, MULTI_CATEGORICAL)
+
+DEFAULT_DELIMITER = "|"
+
+# The generator's truth file beside a demo data set; the pipeline never reads it for training.
+TRUTH_FILE = "truth.parquet"
