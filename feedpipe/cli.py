@@ -1,0 +1,240 @@
+"""The `feedpipe` command line.
+
+Every command that touches Dagster first calls `prepare_environment()`, which resolves the database
+(embedded server unless FEEDPIPE_DATABASE_URL is set) and sets DAGSTER_HOME and the variables
+`dagster.yaml` reads, so the CLI, the UI and the daemon share one instance and one run history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+from feedpipe.database import DatabaseError, connect, feedpipe_home, redact_url, resolve_database_url, sqlalchemy_psycopg2_url
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DAGSTER_STORAGE_URL_ENV = "FEEDPIPE_DAGSTER_STORAGE_URL"
+
+
+def _dagster_yaml_dir() -> Path:
+    if os.environ.get("DAGSTER_HOME"):
+        return Path(os.environ["DAGSTER_HOME"])
+    if (PROJECT_ROOT / "dagster.yaml").exists():
+        return PROJECT_ROOT
+    raise SystemExit("feedpipe: no dagster.yaml found; set DAGSTER_HOME to a directory holding one (see deploy/)")
+
+
+def prepare_environment() -> str:
+    """Resolve the feed database and point Dagster's instance at it. Returns the libpq URL."""
+    home = feedpipe_home()
+    os.environ.setdefault("FEEDPIPE_HOME", str(home))
+    url = resolve_database_url()
+    os.environ.setdefault(DAGSTER_STORAGE_URL_ENV, sqlalchemy_psycopg2_url(url))
+    os.environ.setdefault("FEEDPIPE_DAGSTER_ARTIFACTS", str(home / "dagster" / "storage"))
+    os.environ.setdefault("FEEDPIPE_DAGSTER_COMPUTE_LOGS", str(home / "dagster" / "logs"))
+    os.environ["DAGSTER_HOME"] = str(_dagster_yaml_dir())
+    return url
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_demo_data(args) -> int:
+    from feedpipe.demo_data import generate_demo_data
+
+    t0 = time.perf_counter()
+    s = generate_demo_data(
+        args.dir, customers=args.customers, products=args.products, days=args.days, seed=args.seed,
+        file_format=args.format,
+    )
+    print(
+        f"wrote {s.customers:,} customers, {s.products:,} products, {s.transactions:,} transactions "
+        f"({s.start_date} .. {s.end_date}) to {s.directory} in {time.perf_counter() - t0:.1f}s"
+    )
+    return 0
+
+
+def _demo_directory(feed_date: date) -> Path:
+    """Demo data under <home>/demo, (re)generated so that it ends the day before the feed date."""
+    from feedpipe.demo_data import generate_demo_data, read_demo_summary
+
+    directory = feedpipe_home() / "demo"
+    summary = read_demo_summary(directory) if directory.exists() else None
+    if summary is None or summary.end_date != feed_date - timedelta(days=1):
+        print(f"generating demo data in {directory} (ending {feed_date - timedelta(days=1)})")
+        generate_demo_data(directory, end_date=feed_date - timedelta(days=1))
+    return directory
+
+
+def _failure_messages(result) -> list[str]:
+    out = []
+    for event in result.all_events:
+        if event.is_step_failure:
+            err = event.step_failure_data.error
+            # A dg.Failure or an InputError carries the message a user can act on; the chain holds
+            # the original exception when Dagster wrapped it.
+            cause = err
+            while cause.cause is not None and "dagster" in cause.cls_name.lower():
+                cause = cause.cause
+            out.append(f"{event.step_key}: {cause.message.strip()}")
+    return out
+
+
+def cmd_run(args) -> int:
+    url = prepare_environment()
+    feed_date = date.fromisoformat(args.date) if args.date else date.today()
+    data_dir = Path(args.data).resolve() if args.data else _demo_directory(feed_date)
+    if not data_dir.is_dir():
+        print(f"feedpipe: data directory {data_dir} does not exist", file=sys.stderr)
+        return 2
+    os.environ["FEEDPIPE_DATA_DIR"] = str(data_dir)
+    if args.config:
+        os.environ["FEEDPIPE_INPUT_CONFIG"] = str(Path(args.config).resolve())
+
+    import dagster as dg
+
+    from feedpipe.definitions import defs
+
+    instance = dg.DagsterInstance.get()
+    job = defs.resolve_job_def("nightly_feed")
+    print(f"feedpipe run: feed date {feed_date}, data {data_dir}, database {redact_url(url)}")
+    t0 = time.perf_counter()
+    result = job.execute_in_process(
+        instance=instance,
+        partition_key=feed_date.isoformat(),
+        raise_on_error=False,
+        tags={"feedpipe/source": "cli"},
+    )
+    seconds = time.perf_counter() - t0
+    stats = instance.get_run_step_stats(result.run_id)
+    for s in sorted(stats, key=lambda s: s.start_time or 0):
+        took = (s.end_time - s.start_time) if s.end_time and s.start_time else float("nan")
+        print(f"  {s.step_key:<20} {s.status.value:<8} {took:7.1f}s")
+    if not result.success:
+        print(f"feedpipe run FAILED after {seconds:.1f}s (run {result.run_id}); the feed being served is unchanged:", file=sys.stderr)
+        for msg in _failure_messages(result) or ["a step failed; see the run in the Dagster UI"]:
+            print(f"  {msg}", file=sys.stderr)
+        return 1
+    print(f"feedpipe run: done in {seconds:.1f}s (run {result.run_id})")
+    return 0
+
+
+def cmd_feed(args) -> int:
+    from feedpipe.publishing import current_version, read_feed
+
+    url = resolve_database_url()
+    with connect(url) as conn:
+        version = current_version(conn)
+        if version is None:
+            print("no feed published yet: run `feedpipe run`", file=sys.stderr)
+            return 1
+        customer = args.customer_id
+        if customer is None:
+            row = conn.execute("select customer_id from feedpipe.current_feed order by customer_id limit 1").fetchone()
+            customer = row[0]
+        rows = read_feed(conn, customer, limit=args.limit)
+    print(f"feed for customer {customer} (version {version['version']}, feed date {version['feed_date']}, model {version['model_version']})")
+    if not rows:
+        print("  (no feed for this customer)")
+        return 1
+    print(f"  {'rank':>4}  {'product_id':<16} score")
+    for product_id, rank, score in rows:
+        print(f"  {rank:>4}  {product_id:<16} {score:.4f}")
+    return 0
+
+
+def cmd_db_url(args) -> int:
+    print(resolve_database_url())
+    return 0
+
+
+def cmd_db_init(args) -> int:
+    from feedpipe.publishing import init_schema
+
+    url = resolve_database_url()
+    with connect(url) as conn:
+        applied = init_schema(conn)
+    print(f"schema ready on {redact_url(url)}" + (f" (applied {', '.join(applied)})" if applied else " (nothing to apply)"))
+    return 0
+
+
+def cmd_db_stop(args) -> int:
+    from feedpipe.database import stop_embedded_server
+
+    print("embedded server stopped" if stop_embedded_server(feedpipe_home()) else "no embedded server running")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    prepare_environment()
+    dagster = shutil.which("dagster") or str(Path(sys.executable).parent / "dagster")
+    workspace = PROJECT_ROOT / "workspace.yaml"
+    argv = [dagster, "dev", "-p", str(args.port), "-h", args.host]
+    argv += ["-w", str(workspace)] if workspace.exists() else ["-m", "feedpipe.definitions"]
+    os.chdir(PROJECT_ROOT)
+    os.execv(argv[0], argv)
+    return 0  # unreachable
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="feedpipe", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo-data", help="write a synthetic retail data set in the input contract")
+    d.add_argument("dir")
+    d.add_argument("--customers", type=int, default=10_000)
+    d.add_argument("--products", type=int, default=2_000)
+    d.add_argument("--days", type=int, default=90)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    d.set_defaults(func=cmd_demo_data)
+
+    r = sub.add_parser("run", help="materialize the whole graph for one feed date through the Dagster instance")
+    r.add_argument("--data", help="input directory (default: demo data under .feedpipe/demo)")
+    r.add_argument("--date", help="feed date YYYY-MM-DD (default: today)")
+    r.add_argument("--config", help="YAML overriding feature roles, delimiter, excluded columns")
+    r.set_defaults(func=cmd_run)
+
+    f = sub.add_parser("feed", help="print one customer's current feed")
+    f.add_argument("customer_id", nargs="?", help="default: the first customer with a feed")
+    f.add_argument("--limit", type=int, default=None)
+    f.set_defaults(func=cmd_feed)
+
+    u = sub.add_parser("db-url", help="print a URL that psql and psycopg accept")
+    u.set_defaults(func=cmd_db_url)
+
+    db = sub.add_parser("db", help="database maintenance")
+    dbs = db.add_subparsers(dest="db_command", required=True)
+    dbs.add_parser("init", help="apply the feed schema migrations (idempotent)").set_defaults(func=cmd_db_init)
+    dbs.add_parser("stop", help="stop the embedded server").set_defaults(func=cmd_db_stop)
+
+    ui = sub.add_parser("ui", help="start the Dagster UI on the same instance")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DatabaseError as e:
+        print(f"feedpipe: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # input errors name file/column/rows; anything else is a bug and keeps its traceback
+        from feedpipe.input_config import InputError
+
+        if isinstance(e, InputError):
+            print(f"feedpipe: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The database URL, defined once: where it comes from, how it is shown, how to connect with it.
+
+`FEEDPIPE_DATABASE_URL` names a server when set. Otherwise feedpipe runs an embedded PostgreSQL (the `pgserver`
+pip package) whose data directory is `<feedpipe home>/pgdata`; it keeps running after the process that started it
+exits, so `psql "$(feedpipe db-url)"` works between runs, and `stop_embedded_server()` stops it.
+
+Every URL that reaches a log line, an exception or Dagster metadata goes through `redact_url()` first.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import platform
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+logger = logging.getLogger(__name__)
+
+DATABASE_URL_ENV = "FEEDPIPE_DATABASE_URL"
+HOME_ENV = "FEEDPIPE_HOME"
+DEFAULT_HOME = ".feedpipe"
+PGDATA_DIR = "pgdata"
+
+# libpq's default port: the embedded server listens on a Unix socket named after it.
+_DEFAULT_PORT = 5432
+_REDACTED = "***"
+_URL_SCHEME = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"(^|&)(password=)[^&]*", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+class DatabaseError(RuntimeError):
+    """The database could not be reached or used; the message names the server by its redacted URL."""
+
+    def __init__(self, message: str, url: str | None = None):
+        super().__init__(message)
+        self.url = redact_url(url) if url is not None else None
+
+
+def feedpipe_home(environ: Mapping[str, str] = os.environ) -> Path:
+    """`FEEDPIPE_HOME`, or `./.feedpipe` of the working directory, as an absolute path (not created here)."""
+    return Path(environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
+
+
+def resolve_database_url(environ: Mapping[str, str] = os.environ) -> str:
+    """The libpq URL feedpipe uses: `FEEDPIPE_DATABASE_URL`, else the embedded server's (started if needed)."""
+    url = environ.get(DATABASE_URL_ENV)
+    if url:
+        return url
+    return _embedded_server_url(feedpipe_home(environ))
+
+
+def _embedded_server_url(home: Path) -> str:
+    home.mkdir(parents=True, exist_ok=True)
+    # cleanup_mode=None: the server outlives this process, so psql and the next run find it up.
+    return embedded_server_url(home / PGDATA_DIR, cleanup_mode=None)
+
+
+def embedded_server_url(pgdata: Path | str, *, cleanup_mode: str | None = None) -> str:
+    """Start (or find running) the pgserver instance of `pgdata` and return its libpq URL.
+
+    `cleanup_mode` is pgserver's: None leaves the server running at exit, 'stop' stops it, 'delete' also removes
+    `pgdata` (what a test session wants).
+    """
+    import pgserver  # imported here: it resolves runtime directories at import, unneeded with a real server
+
+    server = pgserver.get_server(Path(pgdata), cleanup_mode=cleanup_mode)
+    info = server.get_postmaster_info()
+    if info.socket_dir is None:  # Windows: pgserver listens on TCP there
+        return f"postgresql://postgres@{info.hostname}:{info.port}/postgres"
+    # pgserver's own get_uri() gives `postgres:@/postgres?host=...` with the socket path unquoted; a path with a space
+    # or '&' would break it, so build the URL here.
+    url = f"postgresql://postgres@/postgres?host={quote(str(info.socket_dir), safe='/')}"
+    if info.port and info.port != _DEFAULT_PORT:
+        url += f"&port={info.port}"
+    logger.debug("embedded PostgreSQL at %s (pgdata %s)", url, pgdata)
+    return url
+
+
+def stop_embedded_server(home: Path | str | None = None) -> bool:
+    """Stop the embedded server of `home` (default: `feedpipe_home()`); True if one was running."""
+    import pgserver
+    from pgserver.postgres_server import PostgresServer
+    from pgserver.utils import PostmasterInfo
+
+    pgdata = (Path(home).expanduser().resolve() if home is not None else feedpipe_home()) / PGDATA_DIR
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    # pgserver caches one handle per pgdata in-process and would hand back the stopped server's URL: forget it, and
+    # its exit hook, which would otherwise fail on the missing cache entry.
+    cached = PostgresServer._instances.pop(pgdata, None)
+    if cached is not None:
+        atexit.unregister(cached._cleanup)
+    if info is None or not info.is_running():
+        return False
+    # As root, pgserver runs postgres as its own `pgserver` system user; pg_ctl must run as that user too.
+    user = "pgserver" if platform.system() != "Windows" and os.geteuid() == 0 else None
+    pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    logger.info("stopped embedded PostgreSQL (pgdata %s)", pgdata)
+    return True
+
+
+def sqlalchemy_psycopg2_url(url: str) -> str:
+    """`url` with the `postgresql+psycopg2://` scheme, for Dagster's run storage.
+
+    SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3, under which dagster-postgres fails on its
+    `NOTIFY run_events, $1`; psycopg2 interpolates parameters client-side and works.
+    """
+    if not _URL_SCHEME.match(url):
+        raise ValueError(f"expected a postgresql:// URL, got {redact_url(url)!r}")
+    return _URL_SCHEME.sub("postgresql+psycopg2://", url, count=1)
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password (in the user info, a `password=` query parameter or a key=value DSN) as `***`."""
+    if "://" not in url:
+        return _KEYWORD_PASSWORD.sub(rf"\g<1>{_REDACTED}", url)
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, hostinfo = netloc.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if colon and password:
+            netloc = f"{user}:{_REDACTED}@{hostinfo}"
+    query = _QUERY_PASSWORD.sub(rf"\g<1>\g<2>{_REDACTED}", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    """A psycopg 3 connection to `url`; keyword arguments go to `psycopg.connect` (e.g. `autocommit=True`).
+
+    Any failure to connect raises `DatabaseError` naming the redacted URL. The original exception is not chained:
+    a traceback printer or Dagster's error serializer must never have a path to the password.
+    """
+    password = ""
+    try:
+        params = conninfo_to_dict(url)
+        password = params.get("password") or ""
+        kwargs.setdefault("application_name", "feedpipe")
+        if "connect_timeout" not in params:
+            kwargs.setdefault("connect_timeout", 10)
+        return psycopg.connect(url, **kwargs)
+    except psycopg.Error as exc:
+        detail = _KEYWORD_PASSWORD.sub(rf"\g<1>{_REDACTED}", str(exc).strip())
+        if password:
+            detail = detail.replace(password, _REDACTED)
+        message = f"could not connect to {redact_url(url)}: {detail}"
+    raise DatabaseError(message, url) from None

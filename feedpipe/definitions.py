@@ -1,0 +1,28 @@
+"""Dagster entry point: `dagster dev -m feedpipe.definitions` or workspace.yaml."""
+
+import dagster as dg
+
+from feedpipe.defs import feed, ingest, modeling
+from feedpipe.defs.io_manager import ArtifactIOManager
+from feedpipe.defs.jobs import nightly_feed, nightly_schedule
+from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DatabaseResource, DataResource
+
+
+def build_resources(artifacts: ArtifactsResource | None = None) -> dict:
+    artifacts = artifacts or ArtifactsResource()
+    return {
+        "data": DataResource(),
+        "artifacts": artifacts,
+        "database": DatabaseResource(),
+        "compute": ComputeResource(),
+        "io_manager": ArtifactIOManager(artifacts=artifacts),
+    }
+
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules([ingest, modeling, feed]),
+    asset_checks=dg.load_asset_checks_from_modules([ingest, modeling, feed]),
+    jobs=[nightly_feed],
+    schedules=[nightly_schedule],
+    resources=build_resources(),
+)

@@ -1,0 +1,137 @@
+"""Feed assets: pair_scores (top N per customer over all products) -> ranked_feed (top K, published)."""
+
+
+import dagster as dg
+from pydantic import Field
+import polars as pl
+import torch
+
+from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
+from feedpipe.defs.ingest import feed_date_of
+from feedpipe.defs.metadata import frame_metadata
+from feedpipe.defs.partitions import feed_date_partitions
+from feedpipe.defs.resources import DatabaseResource
+from feedpipe.publishing import FeedArrays, publish_feed
+from feedpipe.ranking import RANK, SCORE, model_ranking
+from feedpipe.training import TrainedModel
+from feedpipe.training_examples import ExampleConfig, Window, purchased_pairs, window_transactions
+
+
+class ScoringConfig(dg.Config):
+    top_n: int = Field(default=100, description="Products kept per customer in pair_scores.")
+    exclude_purchased: bool = Field(default=True, description="Drop products the customer bought in the window.")
+    dtype: str = Field(default="fp32", description="fp32 (exact) or bf16.")
+
+
+class FeedConfig(dg.Config):
+    k: int = Field(default=20, description="Feed length per customer.")
+    retention: int = Field(default=3, description="Feed versions kept in Postgres (the current one included).")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dg.asset(
+    partitions_def=feed_date_partitions,
+    group_name="feed",
+    kinds={"pytorch", "polars"},
+    check_specs=[
+        dg.AssetCheckSpec("no_null_ids", asset="pair_scores", blocking=True),
+        dg.AssetCheckSpec(
+            "customers_with_history_have_scores",
+            asset="pair_scores",
+            blocking=True,
+            description="Every customer who bought something in the window gets a ranking.",
+        ),
+    ],
+)
+def pair_scores(
+    context: dg.AssetExecutionContext,
+    config: ScoringConfig,
+    dlrm_model: TrainedModel,
+    customers: pl.DataFrame,
+    products: pl.DataFrame,
+    transactions: pl.DataFrame,
+):
+    """The model's top N products per customer over ALL products, past purchases excluded (configurable)."""
+    window = Window.for_feed_date(feed_date_of(context), ExampleConfig())
+    in_window = window_transactions(transactions, window)
+    exclude = purchased_pairs(in_window) if config.exclude_purchased else None
+    if config.dtype not in DTYPES:
+        raise dg.Failure(f"scoring dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    import time
+
+    t0 = time.perf_counter()
+    scores = model_ranking(dlrm_model, customers, products, top_n=config.top_n, exclude=exclude, dtype=DTYPES[config.dtype])
+    seconds = time.perf_counter() - t0
+    pairs = customers.height * products.height
+    null_ids = scores.filter(pl.col(CUSTOMER_ID).is_null() | pl.col(PRODUCT_ID).is_null()).height
+    with_history = in_window.select(CUSTOMER_ID).unique()
+    missing = with_history.join(scores.select(CUSTOMER_ID).unique(), on=CUSTOMER_ID, how="anti").height
+    yield dg.Output(
+        scores,
+        metadata=frame_metadata(
+            scores,
+            customers=scores.get_column(CUSTOMER_ID).n_unique(),
+            pairs_scored=pairs,
+            pairs_per_s=round(pairs / max(seconds, 1e-9)),
+            scoring_seconds=round(seconds, 2),
+            dtype=config.dtype,
+            model_version=dlrm_model.version,
+        ),
+    )
+    yield dg.AssetCheckResult(check_name="no_null_ids", passed=null_ids == 0, metadata={"null_id_rows": null_ids})
+    yield dg.AssetCheckResult(
+        check_name="customers_with_history_have_scores",
+        passed=missing == 0,
+        metadata={"customers_with_history": with_history.height, "missing": missing},
+    )
+
+
+@dg.asset(
+    partitions_def=feed_date_partitions,
+    group_name="feed",
+    kinds={"postgres"},
+    check_specs=[dg.AssetCheckSpec("published_rows_match", asset="ranked_feed")],
+)
+def ranked_feed(
+    context: dg.AssetExecutionContext,
+    config: FeedConfig,
+    database: DatabaseResource,
+    pair_scores: pl.DataFrame,
+    dlrm_model: TrainedModel,
+) -> dg.MaterializeResult:
+    """Top K per customer, COPY'd into a new versioned table and switched into `feedpipe.current_feed` atomically."""
+    feed = pair_scores.filter(pl.col(RANK) <= config.k).sort(CUSTOMER_ID, RANK)
+    result = publish_feed(
+        database.url(),
+        FeedArrays(
+            customer_id=feed.get_column(CUSTOMER_ID).to_arrow(),
+            product_id=feed.get_column(PRODUCT_ID).to_arrow(),
+            rank=feed.get_column(RANK).to_numpy(),
+            score=feed.get_column(SCORE).to_numpy(),
+        ),
+        feed_date=feed_date_of(context),
+        model_version=dlrm_model.version,
+        run_id=context.run_id,
+        retention=config.retention,
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": result.rows,
+            "feed_version": result.version,
+            "table": result.table_name,
+            "customers": result.customers,
+            "k": config.k,
+            "publish_seconds": round(result.seconds, 2),
+            "model_version": dlrm_model.version,
+            "view": "feedpipe.current_feed",
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="published_rows_match",
+                passed=result.rows == feed.height,
+                metadata={"expected": feed.height, "published": result.rows},
+            )
+        ],
+    )

@@ -1,0 +1,64 @@
+"""Stores asset values as files: Parquet for frames, a directory for objects with save()/load().
+
+Path: <artifacts root>/<asset>/<partition>[.parquet]. A `_class` file in each object directory
+names the class to load it with, so downstream assets need no knowledge of how it was written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from feedpipe.defs.resources import ArtifactsResource
+
+
+def _key_path(context: dg.OutputContext | dg.InputContext, root: Path) -> Path:
+    asset = "/".join(context.asset_key.path)
+    partition = context.asset_partition_key if context.has_asset_partitions else "all"
+    return root / asset / partition
+
+
+class ArtifactIOManager(dg.ConfigurableIOManager):
+    artifacts: ArtifactsResource
+
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
+        base = _key_path(context, self.artifacts.path())
+        base.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(obj, pl.DataFrame):
+            tmp = base.with_suffix(".parquet.tmp")
+            obj.write_parquet(tmp)
+            tmp.replace(base.with_suffix(".parquet"))  # atomic: a crash never leaves half a file
+            context.add_output_metadata({"path": dg.MetadataValue.path(str(base.with_suffix(".parquet")))})
+            return
+        if hasattr(obj, "save") and hasattr(type(obj), "load"):
+            tmp = base.with_name(base.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            obj.save(tmp)
+            (tmp / "_class").write_text(f"{type(obj).__module__}:{type(obj).__qualname__}")
+            shutil.rmtree(base, ignore_errors=True)
+            tmp.rename(base)
+            context.add_output_metadata({"path": dg.MetadataValue.path(str(base))})
+            return
+        raise TypeError(f"ArtifactIOManager cannot store {type(obj).__name__}")
+
+    def load_input(self, context: dg.InputContext):
+        base = _key_path(context, self.artifacts.path())
+        if base.with_suffix(".parquet").exists():
+            return pl.read_parquet(base.with_suffix(".parquet"))
+        if (base / "_class").exists():
+            module, name = (base / "_class").read_text().split(":")
+            return getattr(importlib.import_module(module), name).load(base)
+        raise FileNotFoundError(f"no stored value for {context.asset_key.to_user_string()} at {base}")
+
+
+def latest_partition_before(root: Path, asset: str, partition: str) -> Path | None:
+    """The newest stored partition of `asset` strictly before `partition` (ISO dates sort as text)."""
+    d = root / asset
+    if not d.is_dir():
+        return None
+    earlier = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and p.name < partition)
+    return earlier[-1] if earlier else None

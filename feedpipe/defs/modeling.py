@@ -1,0 +1,222 @@
+"""Model assets: vocabularies -> training_examples -> dlrm_model, with the blocking quality check."""
+
+
+import dagster as dg
+from pydantic import Field
+import polars as pl
+
+from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS
+from feedpipe.defs.ingest import feed_date_of
+from feedpipe.defs.io_manager import latest_partition_before
+from feedpipe.defs.metadata import frame_metadata, markdown_table
+from feedpipe.defs.partitions import feed_date_partitions
+from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DataResource
+from feedpipe.evaluation import evaluation_customers, recall_at_k
+from feedpipe.ranking import model_ranking, popularity_ranking
+from feedpipe.training import TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
+from feedpipe.training_examples import (
+    SPLIT,
+    ExampleConfig,
+    Window,
+    attach_features,
+    build_training_examples,
+    holdout_pairs,
+)
+from feedpipe.vocabularies import Vocabularies, build_vocabularies, encode_table, side_specs
+
+
+class VocabularyConfig(dg.Config):
+    min_count: int = Field(default=2, description="Attribute values seen fewer times map to the OOV index.")
+
+
+class ExamplesConfig(dg.Config):
+    window_days: int = 90
+    validation_days: int = 7
+    negatives_per_positive: int = 4
+    seed: int = 0
+
+    def core(self) -> ExampleConfig:
+        return ExampleConfig(self.window_days, self.validation_days, self.negatives_per_positive, self.seed)
+
+
+class TrainingConfig(dg.Config):
+    embedding_dim: int = 16
+    dense_arch_layers: list[int] = [64, 16]
+    over_arch_layers: list[int] = [128, 64, 1]
+    batch_size: int = 2048
+    epochs: int = 6
+    learning_rate: float = 3e-3
+    patience: int = 1
+    seed: int = 0
+    min_validation_auc: float = Field(default=0.6, description="Blocking check: below this the feed is not published.")
+    eval_k: int = 20
+
+    def core(self) -> TrainConfig:
+        return TrainConfig(
+            embedding_dim=self.embedding_dim,
+            dense_arch_layers=tuple(self.dense_arch_layers),
+            over_arch_layers=tuple(self.over_arch_layers),
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            learning_rate=self.learning_rate,
+            patience=self.patience,
+            seed=self.seed,
+        )
+
+
+@dg.asset(partitions_def=feed_date_partitions, group_name="model")
+def vocabularies(
+    context: dg.AssetExecutionContext,
+    config: VocabularyConfig,
+    data: DataResource,
+    artifacts: ArtifactsResource,
+    transactions: pl.DataFrame,
+    customers: pl.DataFrame,
+    products: pl.DataFrame,
+) -> dg.Output[Vocabularies]:
+    """value -> index per categorical feature (0 pad, 1 null, 2 OOV, then most frequent first), and dense scalers.
+
+    Extends the newest earlier night's vocabularies, so a known value keeps its index.
+    """
+    input_config = data.config()
+    specs = side_specs(CUSTOMERS, customers, input_config) + side_specs(PRODUCTS, products, input_config)
+    prev_dir = latest_partition_before(artifacts.path(), "vocabularies", context.partition_key)
+    previous = Vocabularies.load(prev_dir) if prev_dir is not None else None
+    id_counts = {
+        CUSTOMER_ID: transactions.group_by(CUSTOMER_ID).agg(pl.len().alias("count")),
+        PRODUCT_ID: transactions.group_by(PRODUCT_ID).agg(pl.len().alias("count")),
+    }
+    vocab = build_vocabularies(
+        {CUSTOMERS: customers, PRODUCTS: products}, specs, id_counts=id_counts, previous=previous, min_count=config.min_count
+    )
+    sizes = vocab.sizes()
+    return dg.Output(
+        vocab,
+        metadata={
+            "extends_partition": prev_dir.name if prev_dir is not None else "",
+            "features": markdown_table(
+                [{"feature": f, "rows": sizes[f]} for f in sizes]
+                + [{"feature": f, "rows": "dense"} for f in vocab.scalers]
+            ),
+            "total_embedding_rows": sum(sizes.values()),
+        },
+    )
+
+
+@dg.asset(partitions_def=feed_date_partitions, group_name="model", kinds={"polars"})
+def training_examples(
+    context: dg.AssetExecutionContext,
+    config: ExamplesConfig,
+    transactions: pl.DataFrame,
+    customers: pl.DataFrame,
+    products: pl.DataFrame,
+    vocabularies: Vocabularies,
+) -> dg.Output[pl.DataFrame]:
+    """Positives and sampled negatives, encoded, split by time (the last days held out for validation)."""
+    pairs = build_training_examples(transactions, products.get_column(PRODUCT_ID), feed_date_of(context), config.core())
+    enc_c = encode_table(customers, CUSTOMER_ID, vocabularies.customer_specs, vocabularies)
+    enc_p = encode_table(products, PRODUCT_ID, vocabularies.product_specs, vocabularies)
+    examples = attach_features(pairs, enc_c, enc_p)
+    counts = examples.group_by(SPLIT, "label").agg(pl.len()).sort(SPLIT, "label")
+    return dg.Output(
+        examples,
+        metadata=frame_metadata(
+            examples,
+            unmatched_rows=pairs.height - examples.height,
+            split_counts=markdown_table(counts.to_dicts()),
+        ),
+    )
+
+
+@dg.asset(
+    partitions_def=feed_date_partitions,
+    group_name="model",
+    kinds={"pytorch"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "validation_auc_floor",
+            asset="dlrm_model",
+            blocking=True,
+            description="Validation AUC at or above the configured floor; otherwise nothing downstream runs and yesterday's feed stays current.",
+        )
+    ],
+)
+def dlrm_model(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    compute: ComputeResource,
+    training_examples: pl.DataFrame,
+    vocabularies: Vocabularies,
+    transactions: pl.DataFrame,
+    customers: pl.DataFrame,
+    products: pl.DataFrame,
+):
+    """A two-sided DLRM (TorchRec EmbeddingBagCollections + DLRM arches) trained on the compute resource's device.
+
+    Metadata: per-epoch losses and validation AUC, recall@K on the held-out days for the model and
+    for a popularity ranking under the same exclusions.
+    """
+    device = compute.torch_device()
+    train_cfg = config.core()
+    train, valid = split_examples(training_examples, vocabularies.customer_specs, vocabularies.product_specs)
+    shape = model_shape(vocabularies.customer_specs, vocabularies.product_specs, vocabularies, train_cfg)
+    result = train_dlrm(train, valid, shape, train_cfg, device, log=context.log.info)
+    best = result.best
+
+    # Recall@K on the held-out days: rank as the feed would (past purchases excluded) for customers
+    # with history before the holdout and new purchases in it.
+    window = Window.for_feed_date(feed_date_of(context), ExamplesConfig().core())
+    train_pairs, held = holdout_pairs(transactions, window)
+    eval_ids = evaluation_customers(train_pairs, held)
+    eval_customers = customers.join(eval_ids.to_frame(), on=CUSTOMER_ID, how="semi")
+    trained = TrainedModel(
+        model=result.model,
+        customer_specs=vocabularies.customer_specs,
+        product_specs=vocabularies.product_specs,
+        vocabularies=vocabularies,
+        version=f"{context.partition_key}-{context.run_id[:8]}",
+    )
+    k = config.eval_k
+    dlrm_rank = model_ranking(trained, eval_customers, products, top_n=k, exclude=train_pairs)
+    pop_rank = popularity_ranking(train_pairs, eval_ids, top_n=k, exclude=train_pairs)
+    recall_model = recall_at_k(dlrm_rank, held, k)
+    recall_pop = recall_at_k(pop_rank, held, k)
+    trained.metrics = {
+        "validation_auc": best.val_auc,
+        "validation_logloss": best.val_loss,
+        f"recall_at_{k}": recall_model,
+        f"popularity_recall_at_{k}": recall_pop,
+        "best_epoch": best.epoch,
+        "samples_per_s": result.samples_per_s,
+        "device": result.device,
+    }
+    yield dg.Output(
+        trained,
+        metadata={
+            "validation_auc": best.val_auc,
+            "validation_logloss": best.val_loss,
+            f"recall_at_{k}": recall_model,
+            f"popularity_recall_at_{k}": recall_pop,
+            "evaluated_customers": eval_ids.len(),
+            "epochs": markdown_table(
+                [
+                    {"epoch": h.epoch, "train_loss": h.train_loss, "val_loss": h.val_loss, "val_auc": h.val_auc, "samples_per_s": round(h.samples_per_s)}
+                    for h in result.history
+                ]
+            ),
+            "loss_curve": dg.MetadataValue.json({"train_loss_per_20_batches": [round(x, 5) for x in result.loss_curve]}),
+            "parameters": result.model.parameter_count(),
+            "samples_per_s": round(result.samples_per_s),
+            "train_seconds": round(result.seconds, 1),
+            "device": result.device,
+            "model_version": trained.version,
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="validation_auc_floor",
+        passed=bool(best.val_auc >= config.min_validation_auc),
+        metadata={"validation_auc": best.val_auc, "floor": config.min_validation_auc},
+        description=None if best.val_auc >= config.min_validation_auc else (
+            f"validation AUC {best.val_auc:.4f} is below the floor {config.min_validation_auc}: the feed will not be published"
+        ),
+    )

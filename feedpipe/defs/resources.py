@@ -1,0 +1,70 @@
+"""Resources: where the input lives, where artifacts go, which database, which device.
+
+Secrets never pass through resource config: the database resource holds the *name* of the
+environment variable, so the launchpad and run metadata never show a URL with a password.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+import torch
+
+from feedpipe.database import feedpipe_home, redact_url, resolve_database_url
+from feedpipe.input_config import InputConfig, load_input_config
+
+
+class DataResource(dg.ConfigurableResource):
+    """The input directory in the contract and the optional YAML that overrides feature roles."""
+
+    data_dir: str = Field(default="", description="Directory with transactions, customers and products (.parquet or .csv). Empty: $FEEDPIPE_DATA_DIR.")
+    input_config: str = ""
+
+    def directory(self) -> Path:
+        d = self.data_dir or os.environ.get("FEEDPIPE_DATA_DIR", "")
+        if not d:
+            raise dg.Failure("no input directory: set the data resource's data_dir or FEEDPIPE_DATA_DIR (feedpipe run --data DIR)")
+        return Path(d)
+
+    def config(self) -> InputConfig:
+        path = self.input_config or os.environ.get("FEEDPIPE_INPUT_CONFIG", "")
+        return load_input_config(path or None)
+
+
+class ArtifactsResource(dg.ConfigurableResource):
+    """Root of the files the assets write (Parquet tables, checkpoints). Empty: <feedpipe home>/artifacts."""
+
+    root: str = ""
+
+    def path(self, *parts: str) -> Path:
+        base = Path(self.root) if self.root else feedpipe_home() / "artifacts"
+        return base.joinpath(*parts)
+
+
+class DatabaseResource(dg.ConfigurableResource):
+    """The feed database. URL from the environment variable named here, else the embedded server."""
+
+    url_env_var: str = "FEEDPIPE_DATABASE_URL"
+
+    def url(self) -> str:
+        env = dict(os.environ)
+        if self.url_env_var != "FEEDPIPE_DATABASE_URL" and env.get(self.url_env_var):
+            env["FEEDPIPE_DATABASE_URL"] = env[self.url_env_var]
+        return resolve_database_url(env)
+
+    def redacted_url(self) -> str:
+        return redact_url(self.url())
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Where torch runs: 'auto' picks cuda when a GPU is visible, else cpu."""
+
+    device: str = "auto"
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

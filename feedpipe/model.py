@@ -1,0 +1,175 @@
+"""A two-sided DLRM built from TorchRec's pieces.
+
+Shapes (B batch, D embedding dim, Fc/Fp sparse features per side):
+
+    customer dense [B, n_c]  -> DenseArch -> [B, D]        (absent when the side has no dense features)
+    product dense  [B, n_p]  -> DenseArch -> [B, D]
+    customer KJT (Fc keys)   -> EmbeddingBagCollection -> [B, Fc*D]
+    product KJT  (Fp keys)   -> EmbeddingBagCollection -> [B, Fp*D]
+    V = stack(customer vectors, product vectors)           [B, F, D],  F = Fc' + Fp'
+    interactions = triu(V @ V^T, offset=1)                 [B, F*(F-1)/2]
+    over input = cat(customer dense out, product dense out, interactions)
+    OverArch -> logits [B]
+
+Why two of everything: TorchRec's DLRM has one DenseArch and one EBC; here each side has its own so
+that everything depending on one side (pooled embeddings, dense arch output, same-side dot products,
+that side's block of the first over-arch layer) can be computed once per customer or once per product.
+That is what makes scoring every pair affordable (see `scoring.py`). torchrec's `InteractionArch`
+concatenates a single dense vector, so the interaction is written out here (a few lines).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.models.dlrm import DenseArch, OverArch
+from torchrec.modules.embedding_configs import PoolingType
+
+from feedpipe.contract import DENSE, MULTI_CATEGORICAL
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    name: str
+    num_embeddings: int
+    multi_valued: bool = False
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything needed to rebuild the module from a checkpoint."""
+
+    customer_sparse: tuple[SparseFeature, ...]
+    product_sparse: tuple[SparseFeature, ...]
+    customer_dense_in: int
+    product_dense_in: int
+    embedding_dim: int = 16
+    dense_arch_layers: tuple[int, ...] = (64, 16)
+    over_arch_layers: tuple[int, ...] = (128, 64, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelShape":
+        d = dict(d)
+        d["customer_sparse"] = tuple(SparseFeature(**f) for f in d["customer_sparse"])
+        d["product_sparse"] = tuple(SparseFeature(**f) for f in d["product_sparse"])
+        d["dense_arch_layers"] = tuple(d["dense_arch_layers"])
+        d["over_arch_layers"] = tuple(d["over_arch_layers"])
+        return cls(**d)
+
+
+def _ebc(features: tuple[SparseFeature, ...], dim: int, device: torch.device | None) -> EmbeddingBagCollection | None:
+    if not features:
+        return None
+    tables = [
+        EmbeddingBagConfig(
+            name="t_" + f.name.replace(".", "__"),  # ModuleDict keys may not contain dots
+            embedding_dim=dim,
+            num_embeddings=f.num_embeddings,
+            feature_names=[f.name],
+            # Multi-valued bags are averaged so a product with four tags is not four times as loud.
+            pooling=PoolingType.MEAN if f.multi_valued else PoolingType.SUM,
+        )
+        for f in features
+    ]
+    return EmbeddingBagCollection(tables=tables, device=device)
+
+
+@dataclass
+class SideVectors:
+    """One side's per-row vectors: dense arch output [N, D] or None, pooled embeddings [N, F, D]."""
+
+    dense: torch.Tensor | None
+    sparse: torch.Tensor
+
+    def stacked(self) -> torch.Tensor:
+        """[N, F', D]: the dense output (if any) first, then the pooled embeddings, in key order."""
+        if self.dense is None:
+            return self.sparse
+        return torch.cat([self.dense.unsqueeze(1), self.sparse], dim=1)
+
+
+class TwoSidedDLRM(nn.Module):
+    def __init__(self, shape: ModelShape, device: torch.device | None = None) -> None:
+        super().__init__()
+        if shape.dense_arch_layers[-1] != shape.embedding_dim:
+            raise ValueError(
+                f"dense_arch_layers must end in embedding_dim ({shape.embedding_dim}), got {shape.dense_arch_layers}"
+            )
+        if shape.over_arch_layers[-1] != 1:
+            raise ValueError(f"over_arch_layers must end in 1 (a logit), got {shape.over_arch_layers}")
+        self.shape = shape
+        d = shape.embedding_dim
+        self.customer_ebc = _ebc(shape.customer_sparse, d, device)
+        self.product_ebc = _ebc(shape.product_sparse, d, device)
+        self.customer_dense_arch = (
+            DenseArch(shape.customer_dense_in, list(shape.dense_arch_layers), device) if shape.customer_dense_in else None
+        )
+        self.product_dense_arch = (
+            DenseArch(shape.product_dense_in, list(shape.dense_arch_layers), device) if shape.product_dense_in else None
+        )
+        self.num_customer_vectors = len(shape.customer_sparse) + (1 if shape.customer_dense_in else 0)
+        self.num_product_vectors = len(shape.product_sparse) + (1 if shape.product_dense_in else 0)
+        f = self.num_customer_vectors + self.num_product_vectors
+        if f < 2:
+            raise ValueError("the model needs at least one feature on each side")
+        rows, cols = torch.triu_indices(f, f, offset=1)
+        self.register_buffer("triu_rows", rows, persistent=False)
+        self.register_buffer("triu_cols", cols, persistent=False)
+        n_dense_out = d * ((1 if shape.customer_dense_in else 0) + (1 if shape.product_dense_in else 0))
+        self.over_in_features = n_dense_out + rows.numel()
+        self.over_arch = OverArch(self.over_in_features, list(shape.over_arch_layers), device)
+
+    # -- per side ------------------------------------------------------------------------------
+    def customer_vectors(self, dense: torch.Tensor, kjt: KeyedJaggedTensor | None) -> SideVectors:
+        return self._side(dense, kjt, self.customer_dense_arch, self.customer_ebc, self.shape.customer_sparse)
+
+    def product_vectors(self, dense: torch.Tensor, kjt: KeyedJaggedTensor | None) -> SideVectors:
+        return self._side(dense, kjt, self.product_dense_arch, self.product_ebc, self.shape.product_sparse)
+
+    def _side(self, dense, kjt, arch, ebc, features) -> SideVectors:
+        b = dense.shape[0]
+        dense_out = arch(dense) if arch is not None else None
+        if ebc is not None:
+            pooled = ebc(kjt).values().view(b, len(features), self.shape.embedding_dim)
+        else:
+            pooled = dense.new_zeros((b, 0, self.shape.embedding_dim))
+        return SideVectors(dense_out, pooled)
+
+    # -- pairs ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        customer_dense: torch.Tensor,
+        customer_kjt: KeyedJaggedTensor | None,
+        product_dense: torch.Tensor,
+        product_kjt: KeyedJaggedTensor | None,
+    ) -> torch.Tensor:
+        """Logits [B] for B aligned (customer, product) rows."""
+        c = self.customer_vectors(customer_dense, customer_kjt)
+        p = self.product_vectors(product_dense, product_kjt)
+        return self.logits_from_vectors(c, p)
+
+    def logits_from_vectors(self, c: SideVectors, p: SideVectors) -> torch.Tensor:
+        v = torch.cat([c.stacked(), p.stacked()], dim=1)  # [B, F, D]
+        dots = torch.bmm(v, v.transpose(1, 2))[:, self.triu_rows, self.triu_cols]  # [B, F(F-1)/2]
+        parts = [x for x in (c.dense, p.dense) if x is not None] + [dots]
+        return self.over_arch(torch.cat(parts, dim=1)).squeeze(1)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def sparse_features_for(specs, sizes: dict[str, int]) -> tuple[SparseFeature, ...]:
+    """One SparseFeature per categorical spec, named by its feature key, sized by its vocabulary."""
+    from feedpipe.vocabularies import feature_key
+
+    return tuple(
+        SparseFeature(feature_key(s), sizes[feature_key(s)], s.role == MULTI_CATEGORICAL)
+        for s in specs
+        if s.role != DENSE
+    )

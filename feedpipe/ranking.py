@@ -1,0 +1,116 @@
+"""Rankings as frames: the model's top-N per customer (via the exact scorer) and the popularity baseline.
+
+Both return `customer_id, product_id, rank (1..N), score` with the same exclusions applied, so
+evaluation compares like with like and the feed is just the first K ranks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+
+from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
+from feedpipe.feature_tensors import side_tensors
+from feedpipe.scoring import DEFAULT_PAIRS_PER_BLOCK, Exclusions, score_all_pairs
+from feedpipe.training import TrainedModel
+from feedpipe.vocabularies import encode_table
+
+RANK = "rank"
+SCORE = "score"
+RANKING_SCHEMA = {CUSTOMER_ID: pl.Utf8, PRODUCT_ID: pl.Utf8, RANK: pl.Int32, SCORE: pl.Float32}
+
+
+def _row_index(ids: pl.Series, name: str) -> pl.DataFrame:
+    return ids.to_frame(name).with_row_index(f"{name}__row")
+
+
+def exclusions_for(
+    exclude: pl.DataFrame | None, customer_ids: pl.Series, product_ids: pl.Series
+) -> Exclusions:
+    """CSR exclusions aligned with the given id orders, from (customer_id, product_id) pairs."""
+    if exclude is None or exclude.is_empty():
+        return Exclusions.none(customer_ids.len())
+    pairs = (
+        exclude.select(CUSTOMER_ID, PRODUCT_ID)
+        .join(_row_index(customer_ids, CUSTOMER_ID), on=CUSTOMER_ID)
+        .join(_row_index(product_ids, PRODUCT_ID), on=PRODUCT_ID)
+    )
+    return Exclusions.from_pairs(
+        pairs.get_column(f"{CUSTOMER_ID}__row").to_numpy(),
+        pairs.get_column(f"{PRODUCT_ID}__row").to_numpy(),
+        customer_ids.len(),
+    )
+
+
+def top_n_frame(customer_ids: pl.Series, product_ids: pl.Series, rows: torch.Tensor, scores: torch.Tensor) -> pl.DataFrame:
+    """[Nc, N] result tensors -> long frame, dropping unfilled slots (row -1)."""
+    n_c, n = rows.shape
+    r = rows.numpy().reshape(-1)
+    keep = r >= 0
+    cust = np.repeat(np.arange(n_c), n)[keep]
+    return pl.DataFrame(
+        {
+            CUSTOMER_ID: customer_ids.gather(cust),
+            PRODUCT_ID: product_ids.gather(r[keep]),
+            RANK: np.tile(np.arange(1, n + 1, dtype=np.int32), n_c)[keep],
+            SCORE: scores.numpy().reshape(-1)[keep].astype(np.float32),
+        },
+        schema=RANKING_SCHEMA,
+    )
+
+
+def model_ranking(
+    trained: TrainedModel,
+    customers: pl.DataFrame,
+    products: pl.DataFrame,
+    *,
+    top_n: int,
+    exclude: pl.DataFrame | None = None,
+    dtype: torch.dtype = torch.float32,
+    pairs_per_block: int = DEFAULT_PAIRS_PER_BLOCK,
+) -> pl.DataFrame:
+    """The model's top-N over the whole product table for every customer in `customers`."""
+    enc_c = encode_table(customers, CUSTOMER_ID, trained.customer_specs, trained.vocabularies)
+    enc_p = encode_table(products, PRODUCT_ID, trained.product_specs, trained.vocabularies)
+    c_ids, p_ids = enc_c.get_column(CUSTOMER_ID), enc_p.get_column(PRODUCT_ID)
+    device = next(trained.model.parameters()).device
+    top = score_all_pairs(
+        trained.model,
+        side_tensors(enc_c, trained.customer_specs).to(device),
+        side_tensors(enc_p, trained.product_specs).to(device),
+        top_n=top_n,
+        exclusions=exclusions_for(exclude, c_ids, p_ids),
+        dtype=dtype,
+        pairs_per_block=pairs_per_block,
+    )
+    return top_n_frame(c_ids, p_ids, top.product_rows.cpu(), top.scores.cpu())
+
+
+def popularity_ranking(
+    purchases: pl.DataFrame, customer_ids: pl.Series, *, top_n: int, exclude: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """Top sellers (distinct buyers in `purchases`) per customer, minus that customer's exclusions.
+
+    Takes the top (N + most exclusions any customer has) products once, crosses them with the
+    customers and filters, so the frame stays customers x (N + a margin), never customers x catalogue.
+    Score is the product's share of buyers.
+    """
+    popular = (
+        purchases.select(CUSTOMER_ID, PRODUCT_ID).unique().group_by(PRODUCT_ID).agg(pl.len().alias("buyers"))
+        .sort(["buyers", PRODUCT_ID], descending=[True, False])
+    )
+    n_buyers = max(1, purchases.get_column(CUSTOMER_ID).n_unique())
+    margin = 0
+    if exclude is not None and not exclude.is_empty():
+        margin = int(exclude.group_by(CUSTOMER_ID).agg(pl.len()).get_column("len").max())
+    head = popular.head(top_n + margin).with_row_index("pop_rank")
+    grid = customer_ids.unique(maintain_order=True).to_frame(CUSTOMER_ID).join(head, how="cross")
+    if exclude is not None and not exclude.is_empty():
+        grid = grid.join(exclude.select(CUSTOMER_ID, PRODUCT_ID), on=[CUSTOMER_ID, PRODUCT_ID], how="anti")
+    return (
+        grid.sort([CUSTOMER_ID, "pop_rank"])
+        .with_columns(pl.int_range(1, pl.len() + 1).over(CUSTOMER_ID).cast(pl.Int32).alias(RANK))
+        .filter(pl.col(RANK) <= top_n)
+        .select(CUSTOMER_ID, PRODUCT_ID, RANK, (pl.col("buyers") / n_buyers).cast(pl.Float32).alias(SCORE))
+    )

@@ -1,0 +1,252 @@
+"""Training the two-sided DLRM on pre-tensorized examples, and the checkpoint it ships as.
+
+The examples frame (see training_examples.attach_features) becomes tensors once; a batch is a
+slice of a shuffled permutation gathered with vectorized ops. Early stopping keeps the epoch with
+the best validation log loss; a non-finite loss stops training with an error rather than saving a
+broken model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import polars as pl
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from feedpipe.feature_tensors import SideTensors, side_tensors
+from feedpipe.model import ModelShape, TwoSidedDLRM, sparse_features_for
+from feedpipe.sources import FeatureSpec
+from feedpipe.training_examples import LABEL, SPLIT, TRAIN, VALIDATION
+from feedpipe.vocabularies import Vocabularies, dense_features
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    embedding_dim: int = 16
+    dense_arch_layers: tuple[int, ...] = (64, 16)
+    over_arch_layers: tuple[int, ...] = (128, 64, 1)
+    batch_size: int = 2048
+    epochs: int = 6
+    learning_rate: float = 3e-3
+    embedding_weight_decay: float = 0.0
+    patience: int = 1
+    seed: int = 0
+
+
+@dataclass
+class ExampleTensors:
+    customers: SideTensors
+    products: SideTensors
+    labels: torch.Tensor  # [N] float32
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device) -> "ExampleTensors":
+        return ExampleTensors(self.customers.to(device), self.products.to(device), self.labels.to(device))
+
+
+def example_tensors(examples: pl.DataFrame, customer_specs: list[FeatureSpec], product_specs: list[FeatureSpec]) -> ExampleTensors:
+    return ExampleTensors(
+        side_tensors(examples, customer_specs),
+        side_tensors(examples, product_specs),
+        torch.from_numpy(examples.get_column(LABEL).cast(pl.Float32).to_numpy().copy()),
+    )
+
+
+def split_examples(
+    examples: pl.DataFrame, customer_specs: list[FeatureSpec], product_specs: list[FeatureSpec]
+) -> tuple[ExampleTensors, ExampleTensors]:
+    return tuple(  # type: ignore[return-value]
+        example_tensors(examples.filter(pl.col(SPLIT) == s), customer_specs, product_specs) for s in (TRAIN, VALIDATION)
+    )
+
+
+def model_shape(
+    customer_specs: list[FeatureSpec], product_specs: list[FeatureSpec], vocabularies: Vocabularies, config: TrainConfig
+) -> ModelShape:
+    sizes = vocabularies.sizes()
+    return ModelShape(
+        customer_sparse=sparse_features_for(customer_specs, sizes),
+        product_sparse=sparse_features_for(product_specs, sizes),
+        customer_dense_in=len(dense_features(customer_specs)),
+        product_dense_in=len(dense_features(product_specs)),
+        embedding_dim=config.embedding_dim,
+        dense_arch_layers=tuple(config.dense_arch_layers),
+        over_arch_layers=tuple(config.over_arch_layers),
+    )
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_auc: float
+    samples_per_s: float
+
+
+@dataclass
+class TrainResult:
+    model: TwoSidedDLRM
+    history: list[EpochStats]
+    best_epoch: int
+    seconds: float
+    samples_per_s: float
+    device: str
+    loss_curve: list[float] = field(default_factory=list)  # per-batch-group training loss, for plots
+
+    @property
+    def best(self) -> EpochStats:
+        return self.history[self.best_epoch]
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None):
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _forward(model: TwoSidedDLRM, data: ExampleTensors, rows: torch.Tensor) -> torch.Tensor:
+    cd, ck = data.customers.gather(rows)
+    pd, pk = data.products.gather(rows)
+    return model(cd, ck if data.customers.sparse_keys else None, pd, pk if data.products.sparse_keys else None)
+
+
+@torch.no_grad()
+def evaluate_examples(model: TwoSidedDLRM, data: ExampleTensors, batch_size: int = 16384) -> tuple[float, float]:
+    """(log loss, AUC) on labelled examples."""
+    model.eval()
+    logits = torch.cat([_forward(model, data, rows) for rows in _batches(data.num_rows, batch_size, None)])
+    labels = data.labels.to(logits.device)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
+    auc = binary_auroc(torch.sigmoid(logits), labels.long()).item()
+    return loss, auc
+
+
+def train_dlrm(
+    train: ExampleTensors,
+    valid: ExampleTensors,
+    shape: ModelShape,
+    config: TrainConfig = TrainConfig(),
+    device: torch.device | str = "cpu",
+    log=None,
+) -> TrainResult:
+    device = torch.device(device)
+    torch.manual_seed(config.seed)
+    model = TwoSidedDLRM(shape, device=device)
+    train, valid = train.to(device), valid.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[EpochStats] = []
+    loss_curve: list[float] = []
+    best_loss, best_state, best_epoch, bad_epochs = math.inf, None, 0, 0
+    samples, train_seconds = 0, 0.0
+    t_all = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        total, count, group_loss, group_n = 0.0, 0, 0.0, 0
+        for rows in _batches(train.num_rows, config.batch_size, generator):
+            rows = rows.to(device)
+            logits = _forward(model, train, rows)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, train.labels.index_select(0, rows))
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training loss became {loss.item()} at epoch {epoch}, after {count} batches; "
+                    f"lower the learning rate (now {config.learning_rate}) or check the input features"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * rows.numel()
+            count += rows.numel()
+            group_loss, group_n = group_loss + loss.item(), group_n + 1
+            if group_n == 20:
+                loss_curve.append(group_loss / group_n)
+                group_loss, group_n = 0.0, 0
+        epoch_seconds = time.perf_counter() - t0
+        samples += count
+        train_seconds += epoch_seconds
+        val_loss, val_auc = evaluate_examples(model, valid)
+        stats = EpochStats(epoch, total / max(count, 1), val_loss, val_auc, count / max(epoch_seconds, 1e-9))
+        history.append(stats)
+        if log is not None:
+            log(f"epoch {epoch}: train loss {stats.train_loss:.4f} val loss {val_loss:.4f} val AUC {val_auc:.4f} "
+                f"({stats.samples_per_s:,.0f} samples/s)")
+        if not math.isfinite(val_loss):
+            raise TrainingDiverged(f"validation loss became {val_loss} at epoch {epoch}")
+        if val_loss < best_loss - 1e-4:
+            best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs > config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        model=model,
+        history=history,
+        best_epoch=best_epoch,
+        seconds=time.perf_counter() - t_all,
+        samples_per_s=samples / max(train_seconds, 1e-9),
+        device=str(device),
+        loss_curve=loss_curve,
+    )
+
+
+# -- checkpoint ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainedModel:
+    """What `dlrm_model` ships: the weights, the shape, the features and vocabularies they need."""
+
+    model: TwoSidedDLRM
+    customer_specs: list[FeatureSpec]
+    product_specs: list[FeatureSpec]
+    vocabularies: Vocabularies
+    version: str
+    metrics: dict = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in self.model.state_dict().items()}, directory / "model.pt")
+        self.vocabularies.save(directory)
+        meta = {
+            "version": self.version,
+            "shape": self.model.shape.to_dict(),
+            "customer_specs": [asdict(s) for s in self.customer_specs],
+            "product_specs": [asdict(s) for s in self.product_specs],
+            "metrics": self.metrics,
+        }
+        (directory / "model.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> "TrainedModel":
+        directory = Path(directory)
+        meta = json.loads((directory / "model.json").read_text())
+        model = TwoSidedDLRM(ModelShape.from_dict(meta["shape"]), device=torch.device(device))
+        model.load_state_dict(torch.load(directory / "model.pt", map_location=device, weights_only=True))
+        model.eval()
+        return cls(
+            model=model,
+            customer_specs=[FeatureSpec(**s) for s in meta["customer_specs"]],
+            product_specs=[FeatureSpec(**s) for s in meta["product_specs"]],
+            vocabularies=Vocabularies.load(directory),
+            version=meta["version"],
+            metrics=meta.get("metrics", {}),
+        )

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from feedpipe.database import (
+    DatabaseError,
+    connect,
+    feedpipe_home,
+    redact_url,
+    resolve_database_url,
+    sqlalchemy_psycopg2_url,
+)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # free once the socket closes: nothing listens there
+
+
+def test_connect_error_names_redacted_url_and_never_the_password():
+    url = f"postgresql://feeder:hunter2-s3cret@127.0.0.1:{_closed_port()}/feeds"
+    with pytest.raises(DatabaseError) as caught:
+        connect(url, connect_timeout=2)
+    error = caught.value
+    assert "postgresql://feeder:***@127.0.0.1" in str(error)
+    assert error.url.startswith("postgresql://feeder:***@")
+    rendered = f"{error!s} {error!r} {error.__cause__!r} {error.__context__!r}"
+    assert "hunter2-s3cret" not in rendered
+    assert error.__cause__ is None and error.__suppress_context__
+
+
+def test_redact_url_hides_every_password_form():
+    assert redact_url("postgresql://u:p%40ss@h:5432/db?sslmode=require") == "postgresql://u:***@h:5432/db?sslmode=require"
+    assert redact_url("postgresql://u@h/db?password=pw&x=1") == "postgresql://u@h/db?password=***&x=1"
+    assert redact_url("host=h password='a b' user=u") == "host=h password=*** user=u"
+    assert redact_url("postgresql://postgres@/postgres?host=/tmp/s") == "postgresql://postgres@/postgres?host=/tmp/s"
+
+
+def test_sqlalchemy_url_uses_psycopg2_and_keeps_the_rest():
+    assert sqlalchemy_psycopg2_url("postgresql://u:p@h:5/d?host=/s") == "postgresql+psycopg2://u:p@h:5/d?host=/s"
+    assert sqlalchemy_psycopg2_url("postgres://u@h/d") == "postgresql+psycopg2://u@h/d"
+    assert sqlalchemy_psycopg2_url("postgresql+psycopg://u@h/d") == "postgresql+psycopg2://u@h/d"
+    with pytest.raises(ValueError, match=r"\*\*\*"):
+        sqlalchemy_psycopg2_url("mysql://u:secret@h/d")
+
+
+def test_explicit_database_url_wins_and_home_defaults_to_dot_feedpipe(tmp_path, monkeypatch):
+    assert resolve_database_url({"FEEDPIPE_DATABASE_URL": "postgresql://x@y/z"}) == "postgresql://x@y/z"
+    monkeypatch.chdir(tmp_path)
+    assert feedpipe_home({}) == tmp_path.resolve() / ".feedpipe"
+    assert feedpipe_home({"FEEDPIPE_HOME": "rel"}) == tmp_path.resolve() / "rel"
+
+
+def test_url_connects_with_psycopg_and_sqlalchemy_psycopg2(pg_url):
+    import sqlalchemy as sa
+
+    with connect(pg_url) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    engine = sa.create_engine(sqlalchemy_psycopg2_url(pg_url))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("select 1")).scalar() == 1
+            assert engine.dialect.driver == "psycopg2"
+    finally:
+        engine.dispose()
+
+
+def test_embedded_server_outlives_its_handle_until_stopped(tmp_path: Path):
+    from feedpipe.database import stop_embedded_server
+
+    home = tmp_path / "home"
+    url = resolve_database_url({"FEEDPIPE_HOME": str(home)})
+    try:
+        assert url.startswith("postgresql://postgres@/postgres?host=")
+        assert (home / "pgdata" / "PG_VERSION").exists()
+        with connect(url) as conn:
+            assert conn.execute("select current_database()").fetchone() == ("postgres",)
+        assert resolve_database_url({"FEEDPIPE_HOME": str(home)}) == url  # found running, not restarted
+    finally:
+        assert stop_embedded_server(home) is True
+    assert stop_embedded_server(home) is False
+    with pytest.raises(DatabaseError):
+        connect(url, connect_timeout=2)

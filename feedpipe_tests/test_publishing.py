@@ -1,0 +1,280 @@
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pytest
+from psycopg import sql
+
+from feedpipe.database import connect
+from feedpipe.publishing import (
+    FEED_COLUMNS,
+    PUBLISH_LOCK_KEY,
+    FeedArrays,
+    PublishError,
+    PublishLockTimeout,
+    current_version,
+    encode_copy_rows,
+    init_schema,
+    list_versions,
+    publish_feed,
+    read_feed,
+)
+
+DAY = dt.date(2024, 3, 1)
+AWKWARD_IDS = ["", "O'Reilly", 'say "hi"', "tab\there", "back\\slash", "new\nline", "Ünïcødé 🚀 日本", "\\N", "NULL", ","]
+
+
+def grid_feed(customers: int, per_customer: int, tag: str = "", seed: int = 0) -> FeedArrays:
+    """Every customer ranks `per_customer` products; `tag` marks product ids so versions are told apart."""
+    rng = np.random.default_rng(seed)
+    customer = np.repeat(np.arange(customers), per_customer)
+    product = np.tile(np.arange(per_customer), customers)
+    return FeedArrays(
+        customer_id=pa.array(np.char.add("c", customer.astype(str))),
+        product_id=np.char.add(np.char.add("p", product.astype(str)), tag).astype(object),
+        rank=(product + 1).astype(np.int32),
+        score=rng.random(customers * per_customer, dtype=np.float32),
+    )
+
+
+def test_binary_copy_round_trips_awkward_ids_exact_float32_and_ranks(pg_url):
+    n = len(AWKWARD_IDS)
+    scores = np.array([0.0, -0.0, 1 / 3, -2.5e-42, 3.4028235e38, -1.1754944e-38, 1e-7, 0.1, 123456.789, -1.0],
+                      dtype=np.float32)
+    ranks = np.array([1, 2, 0, -5, 2**31 - 1, -(2**31), 7, 8, 9, 10], dtype=np.int32)
+    feed = FeedArrays(np.array(AWKWARD_IDS, dtype=object), pa.array(AWKWARD_IDS[::-1]), ranks, scores)
+    # chunk_rows=3: several COPY chunks, one of them partial.
+    result = publish_feed(pg_url, feed, feed_date=DAY, model_version="m'1", chunk_rows=3)
+    assert (result.rows, result.customers) == (n, n)
+
+    with connect(pg_url) as conn:
+        # Binary results: float4 comes back as its exact float32 value, not a shortest-decimal rendering of it.
+        got = conn.execute("SELECT * FROM feedpipe.current_feed", binary=True).fetchall()
+        types = conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = 'feedpipe' AND table_name = 'current_feed' ORDER BY ordinal_position"
+        ).fetchall()
+    expected = sorted(zip(AWKWARD_IDS, AWKWARD_IDS[::-1], ranks.tolist(), scores.tolist(), [DAY] * n, ["m'1"] * n))
+    assert sorted(got) == expected
+    assert [name for name, _ in types] == [c.name for c in FEED_COLUMNS]
+    assert [t for _, t in types] == ["text", "text", "integer", "real", "date", "text"]
+
+
+def test_empty_feed_is_refused_unless_allowed(pg_url):
+    empty = FeedArrays(pa.array([], pa.string()), np.array([], dtype=object), np.array([], np.int32),
+                       np.array([], np.float32))
+    assert encode_copy_rows(empty).size == 0
+    with pytest.raises(PublishError, match="empty feed"):
+        publish_feed(pg_url, empty, feed_date=DAY, model_version="m0")
+    result = publish_feed(pg_url, empty, feed_date=DAY, model_version="m0", allow_empty=True)
+    assert (result.rows, result.customers) == (0, 0)
+    with connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM feedpipe.current_feed").fetchone() == (0,)
+        assert current_version(conn)["version"] == result.version
+
+
+def test_view_reads_an_empty_typed_placeholder_before_the_first_publish(pg_url):
+    with connect(pg_url) as conn:
+        assert current_version(conn) is None and list_versions(conn) == []
+        init_schema(conn)
+        assert read_feed(conn, "c1") == []
+        assert current_version(conn) is None
+
+
+def test_init_schema_twice_is_a_noop_and_safe_concurrently(pg_url):
+    errors: list[BaseException] = []
+
+    def migrate():
+        try:
+            with connect(pg_url) as conn:
+                init_schema(conn)
+        except BaseException as exc:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with connect(pg_url) as conn:
+        before = conn.execute("SELECT id, applied_at FROM feedpipe.schema_migrations").fetchall()
+        assert init_schema(conn) == []
+        assert init_schema(conn) == []
+        assert conn.execute("SELECT id, applied_at FROM feedpipe.schema_migrations").fetchall() == before
+        assert len(before) >= 1
+
+
+def test_publish_switches_view_retires_old_and_keeps_only_retention_tables(pg_url):
+    results = [
+        publish_feed(pg_url, grid_feed(5, 3, tag=f"-v{i}"), feed_date=DAY + dt.timedelta(days=i),
+                     model_version=f"m{i}", run_id=f"run-{i}", retention=2)
+        for i in range(4)
+    ]
+    with connect(pg_url) as conn:
+        versions = {v["version"]: v for v in list_versions(conn)}
+        current = current_version(conn)
+        served = conn.execute("SELECT DISTINCT model_version, feed_date FROM feedpipe.current_feed").fetchall()
+        assert read_feed(conn, "c2", limit=2) == [(p, r, s) for p, r, s in read_feed(conn, "c2")[:2]]
+        assert [p for p, _, _ in read_feed(conn, "c2")] == ["p0-v3", "p1-v3", "p2-v3"]
+    assert current["version"] == results[-1].version and current["run_id"] == "run-3"
+    assert current["published_at"] is not None and (current["rows"], current["customers"]) == (15, 5)
+    assert served == [("m3", DAY + dt.timedelta(days=3))]
+    assert [versions[r.version]["status"] for r in results] == ["retired", "retired", "retired", "current"]
+    assert [versions[r.version]["table_exists"] for r in results] == [False, False, True, True]
+    assert results[-1].dropped_tables == (results[1].table_name,)
+
+
+def test_one_customers_feed_is_an_index_only_scan_without_heap_fetches(pg_url):
+    publish_feed(pg_url, grid_feed(200, 20), feed_date=DAY, model_version="m1")
+    with connect(pg_url) as conn:
+        conn.execute("SET enable_seqscan = off")
+        conn.execute("SET enable_bitmapscan = off")
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                "EXPLAIN (ANALYZE, COSTS OFF) SELECT product_id, rank, score FROM feedpipe.current_feed "
+                "WHERE customer_id = %s ORDER BY rank",
+                ["c17"],
+            )
+        )
+    assert "Index Only Scan" in plan, plan
+    assert "Sort" not in plan, plan
+    # COPY FREEZE left every page all-visible: no VACUUM needed before the heap can be skipped.
+    assert "Heap Fetches: 0" in plan, plan
+
+
+def test_readers_never_see_an_empty_or_mixed_feed_while_versions_switch(pg_url):
+    customers, per_customer = 50, 10
+    publish_feed(pg_url, grid_feed(customers, per_customer, tag="-v0"), feed_date=DAY, model_version="m0")
+    stop = threading.Event()
+    problems: list[str] = []
+    seen: list[str] = []
+    queries = [0]
+
+    def read_one_customer():
+        with connect(pg_url, autocommit=True) as conn:
+            while not stop.is_set():
+                rows = conn.execute(
+                    "SELECT model_version, count(*), bool_and(product_id LIKE '%%-v' || substr(model_version, 2)) "
+                    "FROM feedpipe.current_feed WHERE customer_id = %s GROUP BY 1",
+                    ["c7"],
+                ).fetchall()
+                queries[0] += 1
+                if len(rows) != 1 or rows[0][1] != per_customer or not rows[0][2]:
+                    problems.append(f"customer c7 read {rows}")
+                elif not seen or seen[-1] != rows[0][0]:
+                    seen.append(rows[0][0])
+
+    def read_whole_view():
+        with connect(pg_url, autocommit=True) as conn:
+            while not stop.is_set():
+                row = conn.execute(
+                    "SELECT count(DISTINCT model_version), count(*) FROM feedpipe.current_feed"
+                ).fetchone()
+                queries[0] += 1
+                if row != (1, customers * per_customer):
+                    problems.append(f"whole view read {row}")
+
+    readers = [threading.Thread(target=read_one_customer), threading.Thread(target=read_whole_view)]
+    for t in readers:
+        t.start()
+    try:
+        for i in range(1, 4):
+            time.sleep(0.15)
+            # retention=1 drops the previous table right after each switch, while readers are on the view.
+            publish_feed(pg_url, grid_feed(customers, per_customer, tag=f"-v{i}", seed=i), feed_date=DAY,
+                         model_version=f"m{i}", retention=1)
+        time.sleep(0.15)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert problems == []
+    assert queries[0] > 50
+    assert seen[-1] == "m3" and seen == sorted(seen) and len(seen) >= 2
+
+
+def test_crashed_publish_is_failed_and_its_tables_dropped_by_the_next(pg_url):
+    with connect(pg_url, autocommit=True) as conn:
+        init_schema(conn)
+        crashed = conn.execute(
+            "INSERT INTO feedpipe.feed_versions (version, table_name, status) "
+            "SELECT v, 'feed_v' || v, 'loading' FROM nextval('feedpipe.feed_version_seq') v RETURNING version"
+        ).fetchone()[0]
+        conn.execute(sql.SQL("CREATE TABLE {} (customer_id text)").format(sql.Identifier("feedpipe", f"feed_v{crashed}")))
+        conn.execute("CREATE TABLE feedpipe.feed_v999999 (customer_id text)")  # a table no version row knows
+
+    result = publish_feed(pg_url, grid_feed(3, 2), feed_date=DAY, model_version="m1")
+
+    with connect(pg_url) as conn:
+        statuses = {v["version"]: (v["status"], v["table_exists"]) for v in list_versions(conn)}
+        tables = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'feedpipe' AND tablename ~ '^feed_v[0-9]+$'"
+        ).fetchall()
+    assert statuses == {crashed: ("failed", False), result.version: ("current", True)}
+    assert tables == [(f"feed_v{result.version}",)]
+
+
+def test_switch_blocked_by_a_long_reader_fails_cleanly_and_keeps_serving(pg_url):
+    first = publish_feed(pg_url, grid_feed(3, 2, tag="-v0"), feed_date=DAY, model_version="m0")
+    with connect(pg_url) as reader:  # an open transaction holding the view, like a long report query
+        reader.execute("SELECT count(*) FROM feedpipe.current_feed").fetchone()
+        with pytest.raises(PublishError, match="long-running readers"):
+            publish_feed(pg_url, grid_feed(3, 2, tag="-v1"), feed_date=DAY, model_version="m1",
+                         lock_timeout_ms=100, switch_attempts=2)
+        reader.rollback()
+    with connect(pg_url) as conn:
+        versions = list_versions(conn)
+        assert conn.execute("SELECT DISTINCT model_version FROM feedpipe.current_feed").fetchall() == [("m0",)]
+    assert [(v["status"], v["table_exists"]) for v in versions] == [("failed", False), ("current", True)]
+    assert versions[1]["version"] == first.version
+
+
+def test_reader_role_selects_the_view_but_not_version_tables(pg_url):
+    result = publish_feed(pg_url, grid_feed(3, 2), feed_date=DAY, model_version="m1")
+    with connect(pg_url) as conn:
+        with conn.transaction():
+            conn.execute("SET LOCAL ROLE feedpipe_reader")
+            assert conn.execute("SELECT count(*) FROM feedpipe.current_feed").fetchone() == (6,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with conn.transaction():
+                conn.execute("SET LOCAL ROLE feedpipe_reader")
+                conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                    sql.Identifier(*result.table_name.split("."))))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with conn.transaction():
+                conn.execute("SET LOCAL ROLE feedpipe_reader")
+                conn.execute("SELECT count(*) FROM feedpipe.feed_versions")
+
+
+def test_second_publish_waits_for_the_lock_then_fails_naming_the_holder(pg_url):
+    with connect(pg_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", [PUBLISH_LOCK_KEY])
+        holder_pid = holder.info.backend_pid
+        started = time.monotonic()
+        with pytest.raises(PublishLockTimeout, match=f"pid {holder_pid}"):
+            publish_feed(pg_url, grid_feed(3, 2), feed_date=DAY, model_version="m1", publish_lock_wait_s=0.5)
+        assert time.monotonic() - started >= 0.5
+    result = publish_feed(pg_url, grid_feed(3, 2), feed_date=DAY, model_version="m1")  # holder gone: lock free
+    with connect(pg_url) as conn:
+        assert [v["version"] for v in list_versions(conn)] == [result.version]  # the refused one left no row
+
+
+def test_bad_columns_are_reported_by_name_and_first_rows():
+    ids = np.array(["a", "b", "c"], dtype=object)
+    with pytest.raises(ValueError, match=r"'score'.*rows \[1\]"):
+        FeedArrays(ids, ids, np.arange(3), np.array([0.1, np.nan, 0.3]))
+    with pytest.raises(ValueError, match=r"'customer_id'.*null ids, first at rows \[2\]"):
+        FeedArrays(pa.array(["a", "b", None]), ids, np.arange(3), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"'product_id'.*string"):
+        FeedArrays(ids, pa.array([1, 2, 3]), np.arange(3), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"'rank'.*rows \[0\]"):
+        FeedArrays(ids, ids, np.array([2**40, 1, 2]), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="differ in length"):
+        FeedArrays(ids, ids, np.arange(2), np.zeros(3, np.float32))
