@@ -17,8 +17,12 @@ from pathlib import Path
 
 from feedpipe.database import DatabaseError, connect, feedpipe_home, redact_url, resolve_database_url, sqlalchemy_psycopg2_url
 
+from feedpipe.demo_data import INPUT_CONFIG_FILE
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DAGSTER_STORAGE_URL_ENV = "FEEDPIPE_DAGSTER_STORAGE_URL"
+# An input directory may carry its own input config (a CSV export names its multi-valued columns there).
+DATA_DIR_CONFIG = INPUT_CONFIG_FILE
 
 
 def _dagster_yaml_dir() -> Path:
@@ -71,6 +75,16 @@ def _demo_directory(feed_date: date) -> Path:
     return directory
 
 
+def _run_config(path: str | None) -> dict:
+    """Dagster run config: the file's (asset configs such as ops.dlrm_model.config.epochs), with the
+    console logger at INFO unless the file sets it, so a terminal shows progress rather than every event."""
+    import yaml
+
+    config = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
+    return config
+
+
 def _failure_messages(result) -> list[str]:
     out = []
     for event in result.all_events:
@@ -93,8 +107,13 @@ def cmd_run(args) -> int:
         print(f"feedpipe: data directory {data_dir} does not exist", file=sys.stderr)
         return 2
     os.environ["FEEDPIPE_DATA_DIR"] = str(data_dir)
-    if args.config:
-        os.environ["FEEDPIPE_INPUT_CONFIG"] = str(Path(args.config).resolve())
+    input_config = Path(args.config) if args.config else data_dir / DATA_DIR_CONFIG
+    if args.config and not input_config.exists():
+        print(f"feedpipe: config file {input_config} does not exist", file=sys.stderr)
+        return 2
+    if input_config.exists():
+        os.environ["FEEDPIPE_INPUT_CONFIG"] = str(input_config.resolve())
+    run_config = _run_config(args.run_config)
 
     import dagster as dg
 
@@ -108,6 +127,7 @@ def cmd_run(args) -> int:
         instance=instance,
         partition_key=feed_date.isoformat(),
         raise_on_error=False,
+        run_config=run_config,
         tags={"feedpipe/source": "cli"},
     )
     seconds = time.perf_counter() - t0
@@ -197,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="materialize the whole graph for one feed date through the Dagster instance")
     r.add_argument("--data", help="input directory (default: demo data under .feedpipe/demo)")
     r.add_argument("--date", help="feed date YYYY-MM-DD (default: today)")
-    r.add_argument("--config", help="YAML overriding feature roles, delimiter, excluded columns")
+    r.add_argument("--config", help=f"YAML overriding feature roles, delimiter, excluded columns (default: DIR/{DATA_DIR_CONFIG} if present)")
+    r.add_argument("--run-config", help="YAML of Dagster run config, e.g. ops: {dlrm_model: {config: {epochs: 3}}}")
     r.set_defaults(func=cmd_run)
 
     f = sub.add_parser("feed", help="print one customer's current feed")

@@ -8,10 +8,11 @@ from feedpipe.defs.jobs import nightly_feed, nightly_schedule
 from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DatabaseResource, DataResource
 
 
-def build_resources(artifacts: ArtifactsResource | None = None) -> dict:
-    artifacts = artifacts or ArtifactsResource()
+def build_resources(artifacts_root: str = "", data_dir: str = "", input_config: str = "") -> dict:
+    """Resources with defaults from the environment; tests and notebooks pass explicit paths."""
+    artifacts = ArtifactsResource(root=artifacts_root)
     return {
-        "data": DataResource(),
+        "data": DataResource(data_dir=data_dir, input_config=input_config),
         "artifacts": artifacts,
         "database": DatabaseResource(),
         "compute": ComputeResource(),

@@ -51,6 +51,7 @@ from feedpipe.contract import (
 )
 
 SUMMARY_FILE = "demo.json"
+INPUT_CONFIG_FILE = "feedpipe.yaml"  # read by `feedpipe run --data DIR` when no --config is given
 FILE_FORMATS = ("parquet", "csv")
 
 # Attribute columns of the demo tables (not part of the contract: any attribute columns may come in).
@@ -184,6 +185,12 @@ def generate_demo_data(
     _write_table(customer_table, directory / f"{CUSTOMERS}.{file_format}")
     _write_table(product_table, directory / f"{PRODUCTS}.{file_format}")
     _write_table(transactions, directory / f"{TRANSACTIONS}.{file_format}")
+    config_path = directory / INPUT_CONFIG_FILE
+    if file_format == "csv":
+        # CSV has no list type: the input config names the delimiter-joined column.
+        config_path.write_text(f'delimiter: "{DEFAULT_DELIMITER}"\n{PRODUCTS}:\n  multi_valued: [{TAGS}]\n')
+    else:
+        config_path.unlink(missing_ok=True)
     summary = DemoDataSummary(directory, customers, products, transactions.height, start, end, seed)
     (directory / SUMMARY_FILE).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     return summary

@@ -335,8 +335,9 @@ def init_schema(conn: psycopg.Connection) -> list[str]:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK_KEY])
         cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
         cur.execute(
-            sql.SQL("CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-            .format(_qualified(MIGRATIONS_TABLE))
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            ).format(_qualified(MIGRATIONS_TABLE))
         )
         cur.execute(sql.SQL("SELECT id FROM {}").format(_qualified(MIGRATIONS_TABLE)))
         done = {row[0] for row in cur.fetchall()}
@@ -344,7 +345,8 @@ def init_schema(conn: psycopg.Connection) -> list[str]:
         for migration_id, migrate in MIGRATIONS:
             if migration_id not in done:
                 migrate(cur)
-                cur.execute(sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(_qualified(MIGRATIONS_TABLE)), [migration_id])
+                record = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(_qualified(MIGRATIONS_TABLE))
+                cur.execute(record, [migration_id])
                 applied.append(migration_id)
         _ensure_reader_role(cur)
     if applied:
@@ -360,11 +362,12 @@ def _reader_role_exists(cur: psycopg.Cursor) -> bool:
 def _ensure_reader_role(cur: psycopg.Cursor) -> None:
     """`feedpipe_reader` (NOLOGIN) may use the schema and select the view, nothing else. Idempotent."""
     if not _reader_role_exists(cur):
-        cur.execute("SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user")
-        if not cur.fetchone()[0]:
+        cur.execute("SELECT rolname, rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user")
+        user, can_create = cur.fetchone()
+        if not can_create:
             logger.warning(
-                "role %s does not exist and %s lacks CREATEROLE: readers need it created and granted by an admin",
-                READER_ROLE, "the connected user",
+                "role %s does not exist and %s lacks CREATEROLE: an admin must create it and rerun init_schema",
+                READER_ROLE, user,
             )
             return
         # Roles are cluster-wide, so the per-database advisory lock does not serialize this: tolerate a twin.
@@ -375,7 +378,11 @@ def _ensure_reader_role(cur: psycopg.Cursor) -> None:
             ).format(sql.Identifier(READER_ROLE))
         )
     cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(SCHEMA), sql.Identifier(READER_ROLE)))
-    cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(_qualified(VIEW), sql.Identifier(READER_ROLE)))
+    cur.execute(_grant_view_sql())
+
+
+def _grant_view_sql() -> sql.Composed:
+    return sql.SQL("GRANT SELECT ON {} TO {}").format(_qualified(VIEW), sql.Identifier(READER_ROLE))
 
 
 # --- publish ------------------------------------------------------------------------------------------------------
@@ -390,7 +397,7 @@ def publish_feed(
     lock_timeout_ms: int = 2000,
     publish_lock_wait_s: float = 600.0,
     switch_attempts: int = 5,
-    chunk_rows: int = 1_000_000,
+    chunk_rows: int = 200_000,
     maintenance_work_mem: str = "256MB",
     allow_empty: bool = False,
 ) -> PublishResult:
@@ -469,7 +476,9 @@ def _clean_orphans(conn: psycopg.Connection, lock_timeout_ms: int) -> None:
         )
     ).fetchall()
     if failed:
-        logger.warning("marked versions %s failed: left 'loading' by a publish that did not finish", [v for v, in failed])
+        logger.warning(
+            "marked versions %s failed: left 'loading' by a publish that did not finish", [v for v, in failed]
+        )
     strays = conn.execute(
         sql.SQL(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -500,6 +509,9 @@ def _load(
         cur.execute(_create_table_sql(table))
         with cur.copy(copy_sql) as copy:
             copy.write(_COPY_SIGNATURE)
+            # Chunks bound memory (~45 bytes a row here plus a byte of labels). 200k rows measured 1.55M rows/s
+            # end to end against 1.25M with 1M-row chunks (PostgreSQL 15, 2 cores): smaller chunks stay in cache
+            # and the server ingests one while the next is encoded.
             for start in range(0, len(feed), chunk_rows):
                 copy.write(memoryview(encode_copy_rows(feed, start, min(start + chunk_rows, len(feed)))))
             copy.write(_COPY_TRAILER)
@@ -535,7 +547,7 @@ def _switch(
                 )
                 # CREATE OR REPLACE keeps the view's grants; granting again covers a role created since.
                 if _reader_role_exists(cur):
-                    cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(_qualified(VIEW), sql.Identifier(READER_ROLE)))
+                    cur.execute(_grant_view_sql())
             return
         except psycopg.errors.LockNotAvailable:
             holders = conn.execute(
@@ -576,9 +588,11 @@ def _apply_retention(conn: psycopg.Connection, retention: int, lock_timeout_ms: 
     try:
         doomed = conn.execute(
             sql.SQL(
-                "SELECT table_name FROM {} WHERE status = 'retired' AND to_regclass(%s || '.' || table_name) IS NOT NULL "
+                "SELECT table_name FROM {} "
+                "WHERE status = 'retired' AND to_regclass(%s || '.' || table_name) IS NOT NULL "
                 "AND version NOT IN (SELECT version FROM {} WHERE status IN ('current', 'retired') "
-                "ORDER BY status = 'current' DESC, version DESC LIMIT %s) ORDER BY version"
+                "                    ORDER BY status = 'current' DESC, version DESC LIMIT %s) "
+                "ORDER BY version"
             ).format(_qualified(VERSIONS_TABLE), _qualified(VERSIONS_TABLE)),
             [SCHEMA, retention],
         ).fetchall()
@@ -600,7 +614,8 @@ def list_versions(conn: psycopg.Connection) -> list[dict]:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             sql.SQL(
-                "SELECT *, to_regclass(%s || '.' || table_name) IS NOT NULL AS table_exists FROM {} ORDER BY version DESC"
+                "SELECT *, to_regclass(%s || '.' || table_name) IS NOT NULL AS table_exists "
+                "FROM {} ORDER BY version DESC"
             ).format(_qualified(VERSIONS_TABLE)),
             [SCHEMA],
         )

@@ -211,20 +211,15 @@ def encode_column(values: pl.Series, vocab: pl.DataFrame, role: str) -> pl.Serie
     name = values.name
     lookup = vocab.select(pl.col("value"), pl.col("index"))
     if role == MULTI_CATEGORICAL:
-        df = values.to_frame("v").with_row_index("row").explode("v")
-        df = df.join(lookup, left_on=pl.col("v").cast(pl.Utf8), right_on="value", how="left")
-        df = df.with_columns(
-            pl.when(pl.col("v").is_null()).then(None).otherwise(pl.col("index").fill_null(OOV_INDEX)).alias("index")
-        )
+        rows = values.to_frame("v").with_row_index("row")
+        items = rows.explode("v").filter(pl.col("v").is_not_null())
+        items = items.join(lookup, left_on=pl.col("v").cast(pl.Utf8), right_on="value", how="left", maintain_order="left")
+        bags = items.group_by("row", maintain_order=True).agg(pl.col("index").fill_null(OOV_INDEX))
         # An empty or null list becomes [NULL_INDEX]: a bag is never empty, so every row pools something.
-        out = df.group_by("row", maintain_order=True).agg(pl.col("index").drop_nulls())
-        out = out.with_columns(
-            pl.when(pl.col("index").list.len() == 0)
-            .then(pl.lit([NULL_INDEX], dtype=pl.List(pl.Int64)))
-            .otherwise(pl.col("index"))
-            .alias("index")
+        out = rows.select("row").join(bags, on="row", how="left", maintain_order="left").with_columns(
+            pl.col("index").fill_null(pl.lit([NULL_INDEX], dtype=pl.List(pl.Int64)))
         )
-        return out.sort("row").get_column("index").alias(name)
+        return out.get_column("index").cast(pl.List(pl.Int64)).alias(name)
     df = values.cast(pl.Utf8).to_frame("v").join(lookup, left_on="v", right_on="value", how="left", maintain_order="left")
     idx = df.select(
         pl.when(pl.col("v").is_null()).then(NULL_INDEX).otherwise(pl.col("index").fill_null(OOV_INDEX)).cast(pl.Int64)

@@ -3,7 +3,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from feedpipe.database import (
@@ -35,7 +34,8 @@ def test_connect_error_names_redacted_url_and_never_the_password():
 
 
 def test_redact_url_hides_every_password_form():
-    assert redact_url("postgresql://u:p%40ss@h:5432/db?sslmode=require") == "postgresql://u:***@h:5432/db?sslmode=require"
+    redacted = "postgresql://u:***@h:5432/db?sslmode=require"
+    assert redact_url("postgresql://u:p%40ss@h:5432/db?sslmode=require") == redacted
     assert redact_url("postgresql://u@h/db?password=pw&x=1") == "postgresql://u@h/db?password=***&x=1"
     assert redact_url("host=h password='a b' user=u") == "host=h password=*** user=u"
     assert redact_url("postgresql://postgres@/postgres?host=/tmp/s") == "postgresql://postgres@/postgres?host=/tmp/s"

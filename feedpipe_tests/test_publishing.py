@@ -207,7 +207,8 @@ def test_crashed_publish_is_failed_and_its_tables_dropped_by_the_next(pg_url):
             "INSERT INTO feedpipe.feed_versions (version, table_name, status) "
             "SELECT v, 'feed_v' || v, 'loading' FROM nextval('feedpipe.feed_version_seq') v RETURNING version"
         ).fetchone()[0]
-        conn.execute(sql.SQL("CREATE TABLE {} (customer_id text)").format(sql.Identifier("feedpipe", f"feed_v{crashed}")))
+        crashed_table = sql.Identifier("feedpipe", f"feed_v{crashed}")
+        conn.execute(sql.SQL("CREATE TABLE {} (customer_id text)").format(crashed_table))
         conn.execute("CREATE TABLE feedpipe.feed_v999999 (customer_id text)")  # a table no version row knows
 
     result = publish_feed(pg_url, grid_feed(3, 2), feed_date=DAY, model_version="m1")

@@ -1,0 +1,131 @@
+"""Each asset materialized on its own (upstream values loaded from the IO manager), on tiny demo data."""
+
+from datetime import date
+
+import dagster as dg
+import polars as pl
+import psycopg
+import pytest
+
+from feedpipe.definitions import build_resources, defs
+from feedpipe.demo_data import generate_demo_data
+
+FEED_DATE = "2026-03-31"
+ASSETS = list(defs.assets)
+FAST_TRAINING = {"ops": {"dlrm_model": {"config": {"epochs": 3, "min_validation_auc": 0.5}}}}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    generate_demo_data(d, customers=300, products=80, days=40, end_date=date(2026, 3, 30), seed=3)
+    return d
+
+
+@pytest.fixture
+def env(tmp_path, demo_dir, pg_url, monkeypatch):
+    monkeypatch.setenv("FEEDPIPE_DATABASE_URL", pg_url)
+    resources = build_resources(artifacts_root=str(tmp_path / "artifacts"), data_dir=str(demo_dir))
+    instance = dg.DagsterInstance.ephemeral()
+
+    def run(selection, partition=FEED_DATE, run_config=None, raise_on_error=True):
+        run_config = run_config or FAST_TRAINING
+        if selection is not None:  # config may only name selected assets
+            run_config = {"ops": {k: v for k, v in run_config["ops"].items() if k in selection}}
+        return dg.materialize(
+            ASSETS,
+            selection=selection,
+            partition_key=partition,
+            resources=resources,
+            instance=instance,
+            run_config=run_config,
+            raise_on_error=raise_on_error,
+        )
+
+    def load(asset, partition=FEED_DATE):
+        return resources["io_manager"].load_input(
+            dg.build_input_context(asset_key=dg.AssetKey(asset), partition_key=partition, resources=resources)
+        )
+
+    return run, load, pg_url, instance
+
+
+def _materialization(result, asset):
+    return result.asset_materializations_for_node(asset)[0]
+
+
+def test_input_assets_give_typed_frames_and_row_count_metadata(env):
+    run, load, *_ = env
+    result = run(["transactions", "customers", "products"])
+    tx = load("transactions")
+    assert tx.schema["customer_id"] == pl.Utf8 and tx.schema["ts"] == pl.Datetime("us")
+    meta = _materialization(result, "transactions").metadata
+    assert meta["dagster/row_count"].value == tx.height > 0
+    assert meta["last_ts"].value < FEED_DATE
+    assert _materialization(result, "customers").metadata["dagster/row_count"].value == 300
+
+
+def test_vocabularies_of_a_later_night_extend_the_earlier_one(env):
+    run, load, *_ = env
+    run(["transactions", "customers", "products", "vocabularies"])
+    run(["transactions", "customers", "products", "vocabularies"], partition="2026-04-01")
+    first, second = load("vocabularies"), load("vocabularies", "2026-04-01")
+    joined = first.table.join(second.table, on=["feature", "value"], suffix="_later")
+    assert joined.height == first.table.height
+    assert (joined.get_column("index") == joined.get_column("index_later")).all()
+
+
+def test_training_examples_hold_both_splits_and_encoded_features(env):
+    run, load, *_ = env
+    run(["transactions", "customers", "products", "vocabularies", "training_examples"])
+    ex = load("training_examples")
+    assert set(ex.get_column("split").unique()) == {"train", "validation"}
+    assert ex.schema["products.tags"] == pl.List(pl.Int64)
+    assert ex.filter(pl.col("label") == 0).height >= 3 * ex.filter(pl.col("label") == 1).height
+
+
+def test_model_metadata_reports_auc_and_recall_against_popularity(env):
+    run, load, *_ = env
+    result = run(["transactions", "customers", "products", "vocabularies", "training_examples", "dlrm_model"])
+    meta = _materialization(result, "dlrm_model").metadata
+    assert 0.5 < meta["validation_auc"].value <= 1.0
+    assert 0.0 <= meta["recall_at_20"].value <= 1.0 and 0.0 <= meta["popularity_recall_at_20"].value <= 1.0
+    checks = result.get_asset_check_evaluations()
+    assert [c.passed for c in checks if c.check_name == "validation_auc_floor"] == [True]
+    assert load("dlrm_model").metrics["validation_auc"] == meta["validation_auc"].value
+
+
+def test_pair_scores_keep_top_n_and_exclude_past_purchases(env):
+    run, load, *_ = env
+    run(["transactions", "customers", "products", "vocabularies", "training_examples", "dlrm_model", "pair_scores"],
+        run_config={**FAST_TRAINING, "ops": {**FAST_TRAINING["ops"], "pair_scores": {"config": {"top_n": 10}}}})
+    scores, tx = load("pair_scores"), load("transactions")
+    assert scores.group_by("customer_id").agg(pl.len()).get_column("len").max() == 10
+    assert scores.join(tx.select("customer_id", "product_id").unique(), on=["customer_id", "product_id"], how="semi").is_empty()
+
+
+def test_the_whole_graph_publishes_k_rows_per_customer(env):
+    run, _, pg_url, _ = env
+    result = run(None)
+    assert result.success
+    with psycopg.connect(pg_url) as conn:
+        rows, customers, ranks = conn.execute(
+            "select count(*), count(distinct customer_id), max(rank) from feedpipe.current_feed"
+        ).fetchone()
+    assert (rows, customers, ranks) == (300 * 20, 300, 20)
+    assert _materialization(result, "ranked_feed").metadata["dagster/row_count"].value == rows
+
+
+def test_a_model_below_the_auc_floor_publishes_nothing_and_yesterdays_feed_stays(env):
+    run, _, pg_url, _ = env
+    assert run(None).success
+    with psycopg.connect(pg_url) as conn:
+        before = conn.execute("select * from feedpipe.current_feed order by customer_id, rank").fetchall()
+    broken = {"ops": {"dlrm_model": {"config": {"epochs": 1, "min_validation_auc": 1.01}}}}
+    result = run(None, run_config=broken, raise_on_error=False)
+    assert not result.success
+    assert [c.passed for c in result.get_asset_check_evaluations() if c.check_name == "validation_auc_floor"] == [False]
+    assert not result.asset_materializations_for_node("ranked_feed")
+    with psycopg.connect(pg_url) as conn:
+        after = conn.execute("select * from feedpipe.current_feed order by customer_id, rank").fetchall()
+    assert after == before

@@ -1,0 +1,50 @@
+import polars as pl
+import pytest
+
+from feedpipe.evaluation import evaluation_customers, recall_at_k
+from feedpipe.ranking import model_ranking, popularity_ranking
+from feedpipe.training import TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
+from feedpipe_tests.model_fixtures import CUSTOMER_SPECS, PRODUCT_SPECS, grouped_data
+
+
+def _ranking(rows):
+    return pl.DataFrame(rows, schema={"customer_id": pl.Utf8, "product_id": pl.Utf8, "rank": pl.Int32}, orient="row")
+
+
+def test_recall_at_k_by_hand():
+    ranking = _ranking([("a", "x", 1), ("a", "y", 2), ("a", "z", 3), ("b", "x", 1), ("b", "w", 2)])
+    holdout = pl.DataFrame({"customer_id": ["a", "a", "b"], "product_id": ["y", "q", "q"]})
+    # a: top-2 {x, y} hits y of {y, q} -> 0.5; b: top-2 {x, w} misses q -> 0.0
+    assert recall_at_k(ranking, holdout, 2) == pytest.approx(0.25)
+    assert recall_at_k(ranking, holdout, 1) == pytest.approx(0.0)
+
+
+def test_popularity_ranking_skips_each_customers_own_purchases():
+    purchases = pl.DataFrame({"customer_id": ["a", "b", "c", "a", "b", "a"], "product_id": ["x", "x", "x", "y", "y", "z"]})
+    ranking = popularity_ranking(purchases, pl.Series(["a", "b", "new"]), top_n=2, exclude=purchases)
+    got = {c: ranking.filter(pl.col("customer_id") == c).sort("rank").get_column("product_id").to_list() for c in ["a", "b", "new"]}
+    assert got == {"a": [], "b": ["z"], "new": ["x", "y"]}
+
+
+def test_evaluation_customers_need_history_and_new_purchases():
+    train = pl.DataFrame({"customer_id": ["a", "b"], "product_id": ["x", "x"]})
+    held = pl.DataFrame({"customer_id": ["a", "c"], "product_id": ["y", "y"]})
+    assert evaluation_customers(train, held).to_list() == ["a"]
+
+
+def test_model_ranking_applies_exclusions_and_ranks_from_one():
+    customers, products, vocab, examples = grouped_data()
+    train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
+    cfg = TrainConfig(epochs=3, batch_size=256, learning_rate=1e-2)
+    model = train_dlrm(train, valid, model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, cfg), cfg).model
+    trained = TrainedModel(model, CUSTOMER_SPECS, PRODUCT_SPECS, vocab, "v")
+    exclude = pl.DataFrame({"customer_id": ["c0", "c0"], "product_id": ["p0", "p3"]})
+    ranking = model_ranking(trained, customers, products, top_n=5, exclude=exclude)
+    assert ranking.height == customers.height * 5
+    assert ranking.group_by("customer_id").agg(pl.col("rank").sort()).get_column("rank").to_list()[0] == [1, 2, 3, 4, 5]
+    c0 = ranking.filter(pl.col("customer_id") == "c0").get_column("product_id").to_list()
+    assert "p0" not in c0 and "p3" not in c0
+    # c0 is in group g0: its top products are g0 products (p0, p3 excluded), i.e. indices = 0 mod 3
+    assert all(int(p[1:]) % 3 == 0 for p in c0)
+    scores = ranking.filter(pl.col("customer_id") == "c0").sort("rank").get_column("score").to_list()
+    assert scores == sorted(scores, reverse=True)

@@ -1,0 +1,92 @@
+import math
+
+import polars as pl
+import pytest
+import torch
+
+from feedpipe.feature_tensors import side_tensors
+from feedpipe.model import ModelShape, SparseFeature, TwoSidedDLRM
+from feedpipe.training import (
+    TrainConfig,
+    TrainedModel,
+    TrainingDiverged,
+    evaluate_examples,
+    model_shape,
+    split_examples,
+    train_dlrm,
+)
+from feedpipe_tests.model_fixtures import CUSTOMER_SPECS, PRODUCT_SPECS, grouped_data
+
+FAST = TrainConfig(epochs=4, batch_size=256, learning_rate=1e-2, patience=3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return grouped_data()
+
+
+def test_gather_builds_the_jagged_bags_of_the_requested_rows(data):
+    _, products, vocab, _ = data
+    from feedpipe.vocabularies import encode_table
+
+    enc = encode_table(products, "product_id", PRODUCT_SPECS, vocab)
+    side = side_tensors(enc, PRODUCT_SPECS)
+    rows = torch.tensor([5, 0, 5, 2])
+    dense, kjt = side.gather(rows)
+    assert dense.shape == (4, 1)
+    tags = kjt["products.tags"]
+    expected = [enc.get_column("products.tags")[int(r)].to_list() for r in rows]
+    assert [t.tolist() for t in torch.split(tags.values(), tags.lengths().tolist())] == expected
+
+
+def test_forward_gives_one_logit_per_pair_and_checks_layer_sizes():
+    shape = ModelShape((SparseFeature("c", 10),), (SparseFeature("p", 7, True),), 2, 0)
+    model = TwoSidedDLRM(shape)
+    assert model.num_customer_vectors == 2 and model.num_product_vectors == 1
+    with pytest.raises(ValueError, match="embedding_dim"):
+        TwoSidedDLRM(ModelShape((), (), 1, 1, embedding_dim=8, dense_arch_layers=(16, 4)))
+    with pytest.raises(ValueError, match="logit"):
+        TwoSidedDLRM(ModelShape((), (), 1, 1, over_arch_layers=(8, 2)))
+
+
+def test_training_learns_a_group_preference(data):
+    _, _, vocab, examples = data
+    train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
+    shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, FAST)
+    result = train_dlrm(train, valid, shape, FAST)
+    assert result.best.val_auc > 0.95
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    loss, auc = evaluate_examples(result.model, valid)
+    assert auc == pytest.approx(result.best.val_auc, abs=1e-6)
+
+
+def test_training_is_deterministic_for_a_seed(data):
+    _, _, vocab, examples = data
+    train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
+    shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, FAST)
+    cfg = TrainConfig(epochs=1, batch_size=256, seed=7)
+    a = train_dlrm(train, valid, shape, cfg).model.state_dict()
+    b = train_dlrm(train, valid, shape, cfg).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error(data):
+    _, _, vocab, examples = data
+    broken = examples.with_columns(pl.lit(float("nan"), pl.Float32).alias("customers.age"))
+    train, valid = split_examples(broken, CUSTOMER_SPECS, PRODUCT_SPECS)
+    shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, FAST)
+    with pytest.raises(TrainingDiverged, match="training loss became nan"):
+        train_dlrm(train, valid, shape, FAST)
+
+
+def test_checkpoint_round_trip_reproduces_the_logits(data, tmp_path):
+    _, _, vocab, examples = data
+    train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
+    shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, FAST)
+    model = train_dlrm(train, valid, shape, TrainConfig(epochs=1)).model
+    TrainedModel(model, CUSTOMER_SPECS, PRODUCT_SPECS, vocab, "v1", {"auc": 0.5}).save(tmp_path)
+    loaded = TrainedModel.load(tmp_path)
+    assert loaded.version == "v1" and loaded.customer_specs == CUSTOMER_SPECS
+    _, before = evaluate_examples(model, valid)
+    _, after = evaluate_examples(loaded.model, valid)
+    assert math.isclose(before, after, abs_tol=1e-7)

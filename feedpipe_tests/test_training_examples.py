@@ -1,0 +1,70 @@
+from datetime import date, datetime
+
+import polars as pl
+import pytest
+
+from feedpipe.training_examples import ExampleConfig, Window, build_training_examples, holdout_pairs, sample_negatives
+
+FEED_DATE = date(2026, 3, 31)
+
+
+def _tx(rows):
+    return pl.DataFrame(
+        {"customer_id": [r[0] for r in rows], "product_id": [r[1] for r in rows], "ts": [r[2] for r in rows]},
+        schema={"customer_id": pl.Utf8, "product_id": pl.Utf8, "ts": pl.Datetime("us")},
+    )
+
+
+TX = _tx(
+    [
+        ("c1", "p1", datetime(2026, 3, 1)),
+        ("c1", "p1", datetime(2026, 3, 2)),  # repeat: one positive
+        ("c1", "p2", datetime(2026, 3, 28)),  # first bought in the holdout: validation positive
+        ("c1", "p1", datetime(2026, 3, 29)),  # bought before: not a validation positive
+        ("c2", "p3", datetime(2026, 3, 10)),
+        ("c2", "p4", datetime(2026, 3, 30, 23, 59)),
+        ("c2", "p5", datetime(2026, 3, 31, 0, 0)),  # on the feed date: outside the window
+        ("c3", "p1", datetime(2025, 1, 1)),  # before the window
+    ]
+)
+PRODUCTS = pl.Series("product_id", [f"p{i}" for i in range(1, 40)])
+
+
+def test_window_ends_at_the_feed_dates_midnight_and_holds_out_the_last_days():
+    w = Window.for_feed_date(FEED_DATE, ExampleConfig(window_days=90, validation_days=7))
+    assert w.end == datetime(2026, 3, 31) and w.holdout == datetime(2026, 3, 24)
+
+
+def test_validation_positives_are_pairs_first_bought_in_the_holdout():
+    train, held = holdout_pairs(TX, Window.for_feed_date(FEED_DATE, ExampleConfig()))
+    assert sorted(train.rows()) == [("c1", "p1"), ("c2", "p3")]
+    assert sorted(held.rows()) == [("c1", "p2"), ("c2", "p4")]
+
+
+def test_negatives_come_at_the_ratio_and_never_name_a_bought_product():
+    ex = build_training_examples(TX, PRODUCTS, FEED_DATE, ExampleConfig(negatives_per_positive=5))
+    pos = ex.filter(pl.col("label") == 1.0)
+    neg = ex.filter(pl.col("label") == 0.0)
+    assert pos.height == 4
+    assert neg.height == pytest.approx(20, abs=1)  # a collision left after one redraw may drop
+    bought = TX.select("customer_id", "product_id").unique()
+    assert neg.join(bought, on=["customer_id", "product_id"], how="semi").is_empty()
+
+
+def test_examples_are_deterministic_for_a_seed_and_change_with_it():
+    a = build_training_examples(TX, PRODUCTS, FEED_DATE, ExampleConfig(seed=1))
+    b = build_training_examples(TX, PRODUCTS, FEED_DATE, ExampleConfig(seed=1))
+    c = build_training_examples(TX, PRODUCTS, FEED_DATE, ExampleConfig(seed=2))
+    assert a.equals(b) and not a.equals(c)
+
+
+def test_a_window_without_transactions_is_an_error_naming_the_dates():
+    with pytest.raises(ValueError, match="no transactions between"):
+        build_training_examples(TX, PRODUCTS, date(2030, 1, 1), ExampleConfig())
+
+
+def test_sample_negatives_redraws_collisions():
+    positives = pl.DataFrame({"customer_id": ["c"] * 50, "product_id": ["a"] * 50})
+    bought = pl.DataFrame({"customer_id": ["c"], "product_id": ["a"]})
+    neg = sample_negatives(positives, bought, pl.Series(["a", "b"]), ratio=2, seed=0)
+    assert set(neg.get_column("product_id").to_list()) == {"b"}
