@@ -63,6 +63,18 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def cmd_example_data(args) -> int:
+    from feedpipe.example_data import movielens
+
+    summary = movielens(args.dir)
+    print(
+        f"wrote MovieLens: {summary['transactions']:,} ratings, {summary['customers']:,} users, "
+        f"{summary['products']:,} movies to {args.dir}\n"
+        f"run it with: feedpipe run --data {args.dir} --date {summary['feed_date']} --run-config {args.dir}/run.yaml"
+    )
+    return 0
+
+
 def _demo_directory(feed_date: date) -> Path:
     """Demo data under <home>/demo, (re)generated so that it ends the day before the feed date."""
     from feedpipe.demo_data import generate_demo_data, read_demo_summary
@@ -168,6 +180,55 @@ def cmd_feed(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """The served feed's version and the evaluation of the model that made it."""
+    import json
+
+    from feedpipe.model_evaluation import ModelEvaluation
+    from feedpipe.publishing import current_version
+
+    url = resolve_database_url()
+    with connect(url) as conn:
+        version = current_version(conn)
+    if version is None:
+        print("no feed published yet: run `feedpipe run`", file=sys.stderr)
+        return 1
+    report = {
+        "feed_version": version["version"],
+        "feed_date": str(version["feed_date"]),
+        "model_version": version["model_version"],
+        "rows": version["rows"],
+        "customers": version["customers"],
+        "published_at": str(version.get("published_at")),
+    }
+    ev_dir = feedpipe_home() / "artifacts" / "evaluations" / version["model_version"]
+    if (ev_dir / "evaluation.json").exists():
+        ev = ModelEvaluation.load(ev_dir)
+        report["model"] = ev.model
+        report["ranking"] = {"k": ev.k, "customers": ev.customers, **{
+            name: {m: metrics[m] for m in ("recall", "ndcg", "map", "hit_rate", "coverage") if m in metrics}
+            for name, metrics in ev.ranking.items()
+        }}
+    else:
+        report["model"] = None
+        report["ranking"] = None
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"feed version {report['feed_version']} for {report['feed_date']}: {report['rows']:,} rows, "
+          f"{report['customers']:,} customers, model {report['model_version']}")
+    if report["ranking"] is None:
+        print(f"  no evaluation found for this model under {ev_dir}")
+        return 0
+    print(f"  validation AUC {report['model']['auc']:.4f}, log loss {report['model']['logloss']:.4f}")
+    k = report["ranking"]["k"]
+    print(f"  {'ranker':<12} {'recall@' + str(k):>10} {'ndcg@' + str(k):>10} {'map@' + str(k):>10} {'hit@' + str(k):>10} {'coverage':>10}")
+    for name, m in report["ranking"].items():
+        if isinstance(m, dict):
+            print(f"  {name:<12} {m['recall']:>10.4f} {m['ndcg']:>10.4f} {m['map']:>10.4f} {m['hit_rate']:>10.4f} {m.get('coverage', float('nan')):>10.4f}")
+    return 0
+
+
 def cmd_db_url(args) -> int:
     print(resolve_database_url())
     return 0
@@ -214,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     d.set_defaults(func=cmd_demo_data)
 
+    e = sub.add_parser("example-data", help="convert a real data set into the input contract (needs the examples extra)")
+    e.add_argument("name", choices=["movielens"])
+    e.add_argument("dir")
+    e.set_defaults(func=cmd_example_data)
+
     r = sub.add_parser("run", help="materialize the whole graph for one feed date through the Dagster instance")
     r.add_argument("--data", help="input directory (default: demo data under .feedpipe/demo)")
     r.add_argument("--date", help="feed date YYYY-MM-DD (default: today)")
@@ -225,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("customer_id", nargs="?", help="default: the first customer with a feed")
     f.add_argument("--limit", type=int, default=None)
     f.set_defaults(func=cmd_feed)
+
+    rep = sub.add_parser("report", help="the served feed's version and its model's evaluation")
+    rep.add_argument("--json", action="store_true", help="one JSON object")
+    rep.set_defaults(func=cmd_report)
 
     u = sub.add_parser("db-url", help="print a URL that psql and psycopg accept")
     u.set_defaults(func=cmd_db_url)

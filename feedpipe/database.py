@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -63,14 +64,28 @@ def _embedded_server_url(home: Path) -> str:
     return embedded_server_url(home / PGDATA_DIR, cleanup_mode=None)
 
 
+def import_pgserver():
+    """The `pgserver` module, imported without its platformdirs noise.
+
+    pgserver resolves a runtime directory at import; where `XDG_RUNTIME_DIR` is unset (containers, cron, sudo)
+    platformdirs warns about the fallback on every CLI call, though pgserver never uses that directory for anything
+    a user must act on. Imported lazily: unneeded when FEEDPIPE_DATABASE_URL names a server.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        import pgserver
+        import pgserver.postgres_server
+        import pgserver.utils
+    return pgserver
+
+
 def embedded_server_url(pgdata: Path | str, *, cleanup_mode: str | None = None) -> str:
     """Start (or find running) the pgserver instance of `pgdata` and return its libpq URL.
 
     `cleanup_mode` is pgserver's: None leaves the server running at exit, 'stop' stops it, 'delete' also removes
     `pgdata` (what a test session wants).
     """
-    import pgserver  # imported here: it resolves runtime directories at import, unneeded with a real server
-
+    pgserver = import_pgserver()
     server = pgserver.get_server(Path(pgdata), cleanup_mode=cleanup_mode)
     info = server.get_postmaster_info()
     if info.socket_dir is None:  # Windows: pgserver listens on TCP there
@@ -86,9 +101,9 @@ def embedded_server_url(pgdata: Path | str, *, cleanup_mode: str | None = None) 
 
 def stop_embedded_server(home: Path | str | None = None) -> bool:
     """Stop the embedded server of `home` (default: `feedpipe_home()`); True if one was running."""
-    import pgserver
-    from pgserver.postgres_server import PostgresServer
-    from pgserver.utils import PostmasterInfo
+    pgserver = import_pgserver()
+    PostgresServer = pgserver.postgres_server.PostgresServer
+    PostmasterInfo = pgserver.utils.PostmasterInfo
 
     pgdata = (Path(home).expanduser().resolve() if home is not None else feedpipe_home()) / PGDATA_DIR
     info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from feedpipe.defs import feed, ingest, modeling
+from feedpipe.defs import evaluation, feed, ingest, modeling
 from feedpipe.defs.io_manager import ArtifactIOManager
 from feedpipe.defs.jobs import nightly_feed, nightly_schedule
 from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DatabaseResource, DataResource
@@ -21,8 +21,8 @@ def build_resources(artifacts_root: str = "", data_dir: str = "", input_config: 
 
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([ingest, modeling, feed]),
-    asset_checks=dg.load_asset_checks_from_modules([ingest, modeling, feed]),
+    assets=dg.load_assets_from_modules([ingest, modeling, evaluation, feed]),
+    asset_checks=dg.load_asset_checks_from_modules([ingest, modeling, evaluation, feed]),
     jobs=[nightly_feed],
     schedules=[nightly_schedule],
     resources=build_resources(),

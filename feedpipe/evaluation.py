@@ -37,3 +37,42 @@ def evaluation_customers(train_pairs: pl.DataFrame, holdout: pl.DataFrame) -> pl
         .sort(CUSTOMER_ID)
         .get_column(CUSTOMER_ID)
     )
+
+
+# Candidates a ranking did not place get this score: below every ranked item, so torchmetrics
+# counts them as relevant-but-missed (recall and NDCG need every relevant item in the group).
+_UNRANKED = -1e9
+
+
+def ranking_metrics(ranking: pl.DataFrame, holdout: pl.DataFrame, k: int, catalogue_size: int | None = None) -> dict:
+    """recall, NDCG, MAP and hit rate @k from torchmetrics' retrieval metrics, plus catalogue coverage.
+
+    One retrieval group per customer in `holdout`; its candidates are the customer's top k plus every
+    product first bought in the holdout. Customers absent from the ranking score zero.
+    """
+    import torch
+    from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP, RetrievalNormalizedDCG, RetrievalRecall
+
+    truth = holdout.select(CUSTOMER_ID, PRODUCT_ID).unique().with_columns(pl.lit(True).alias("relevant"))
+    top = ranking.filter(pl.col(RANK) <= k).select(CUSTOMER_ID, PRODUCT_ID, (-pl.col(RANK).cast(pl.Float64)).alias("pred"))
+    top = top.join(truth.select(CUSTOMER_ID), on=CUSTOMER_ID, how="semi")
+    groups = (
+        top.join(truth, on=[CUSTOMER_ID, PRODUCT_ID], how="full", coalesce=True)
+        .with_columns(pl.col("pred").fill_null(_UNRANKED), pl.col("relevant").fill_null(False))
+        .with_columns(pl.col(CUSTOMER_ID).rank("dense").cast(pl.Int64).alias("group"))
+    )
+    preds = torch.from_numpy(groups.get_column("pred").to_numpy().copy())
+    target = torch.from_numpy(groups.get_column("relevant").to_numpy().copy())
+    indexes = torch.from_numpy(groups.get_column("group").to_numpy().copy())
+    out = {}
+    for name, metric in (
+        ("recall", RetrievalRecall(top_k=k)),
+        ("ndcg", RetrievalNormalizedDCG(top_k=k)),
+        ("map", RetrievalMAP(top_k=k)),
+        ("hit_rate", RetrievalHitRate(top_k=k)),
+    ):
+        out[name] = float(metric(preds, target, indexes=indexes))
+    if catalogue_size:
+        out["coverage"] = ranking.filter(pl.col(RANK) <= k).get_column(PRODUCT_ID).n_unique() / catalogue_size
+    out["customers"] = truth.get_column(CUSTOMER_ID).n_unique()
+    return out

@@ -13,7 +13,24 @@ products:
   roles: {price: dense}
 ```
 
-`transactions` has no attribute columns, so it has no section. Unknown keys, unknown roles and contradictions
+The tables come from the data directory unless a `source` section names a Postgres database (see
+`PostgresSource`): each table is a table (optionally in a schema) or a SQL query, and `columns` renames source
+columns to the contract's names. The URL is never written here: `url_env` names the environment variable holding it.
+
+```yaml
+source:
+  postgres:
+    url_env: SALES_DATABASE_URL   # default FEEDPIPE_SOURCE_DATABASE_URL
+    chunk_rows: 50000             # rows per fetch; the export streams, it never holds the whole result
+    transactions: {schema: sales, table: orders, columns: {customer_id: cust_no, ts: ordered_at}}
+    customers: {query: "select id as customer_id, age, region from crm.customers where active"}
+    products: {table: products}
+```
+
+Schema, table and column names are validated here (non-empty, at most 63 bytes, no NUL) and always quoted as
+identifiers when used, so a name can never become SQL. A query is SQL by design: it runs read-only.
+
+`transactions` has no attribute columns, so it has no section at the top level. Unknown keys, unknown roles and contradictions
 (a column both excluded and given a role, a multi-valued column given another role, an id column named at all) raise
 `InputConfigError` naming the file and the key. Whether a named column exists is only known once the data is read,
 so `feedpipe.sources` checks that and raises the same error.
@@ -24,6 +41,7 @@ so `feedpipe.sources` checks that and raises the same error.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +54,13 @@ from feedpipe import contract
 
 CONFIGURABLE_TABLES = (contract.CUSTOMERS, contract.PRODUCTS)
 _TABLE_KEYS = ("exclude", "roles", "multi_valued")
-_TOP_KEYS = ("delimiter", *CONFIGURABLE_TABLES)
+_TOP_KEYS = ("delimiter", *CONFIGURABLE_TABLES, "source")
+_POSTGRES_KEYS = ("url_env", "chunk_rows", *contract.TABLES)
+_POSTGRES_TABLE_KEYS = ("schema", "table", "query", "columns")
+DEFAULT_SOURCE_URL_ENV = "FEEDPIPE_SOURCE_DATABASE_URL"
+# PostgreSQL truncates identifiers longer than NAMEDATALEN - 1 bytes, which would silently name another object.
+MAX_IDENTIFIER_BYTES = 63
+_ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class InputError(ValueError):
@@ -88,6 +112,76 @@ class TableInputConfig:
         return named
 
 
+def check_identifier(value: object, key: str) -> str:
+    """`value` if it can be a PostgreSQL identifier (quoted: any text, but not empty, NUL or over 63 bytes)."""
+    if not isinstance(value, str) or not value:
+        raise InputConfigError(f"key '{key}': expected a non-empty name, got {value!r}")
+    if "\x00" in value:
+        raise InputConfigError(f"key '{key}': a name cannot contain the NUL character: {value!r}")
+    if len(value.encode("utf-8")) > MAX_IDENTIFIER_BYTES:
+        raise InputConfigError(
+            f"key '{key}': {value[:40]!r}... is over {MAX_IDENTIFIER_BYTES} bytes; PostgreSQL would truncate it"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class PostgresTableSource:
+    """Where one input table is in Postgres: `table` (in `schema`, else the search path) or `query`."""
+
+    table: str | None = None
+    schema: str | None = None
+    query: str | None = None
+    columns: Mapping[str, str] = field(default_factory=dict, hash=False)
+    """Name in feedpipe (a contract or attribute column) -> column name in the source."""
+    key: str = "source.postgres"
+    """Where this section is in the config, for messages."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "columns", MappingProxyType(dict(self.columns)))
+        if (self.table is None) == (self.query is None):
+            raise InputConfigError(f"key '{self.key}': give exactly one of 'table' or 'query'")
+        if self.query is not None:
+            if not isinstance(self.query, str) or not self.query.strip():
+                raise InputConfigError(f"key '{self.key}.query': expected SQL text, got {self.query!r}")
+            if self.schema is not None:
+                raise InputConfigError(f"key '{self.key}.schema': a schema goes with 'table', not with 'query'")
+        else:
+            check_identifier(self.table, f"{self.key}.table")
+        if self.schema is not None:
+            check_identifier(self.schema, f"{self.key}.schema")
+        for name, column in self.columns.items():
+            check_identifier(name, f"{self.key}.columns")
+            check_identifier(column, f"{self.key}.columns.{name}")
+        if len(set(self.columns.values())) < len(self.columns):
+            raise InputConfigError(f"key '{self.key}.columns': two names map to the same source column")
+
+    def describe(self) -> str:
+        if self.query is not None:
+            return f"postgres query ({self.key}.query)"
+        return f"postgres table {self.schema + '.' if self.schema else ''}{self.table}"
+
+
+@dataclass(frozen=True)
+class PostgresSource:
+    """The three input tables read from a Postgres database whose URL is in the environment variable `url_env`."""
+
+    tables: Mapping[str, PostgresTableSource]
+    url_env: str = DEFAULT_SOURCE_URL_ENV
+    chunk_rows: int = 50_000
+    """Rows fetched per round trip from a server-side cursor: what bounds the export's memory."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tables", MappingProxyType(dict(self.tables)))
+        missing = [t for t in contract.TABLES if t not in self.tables]
+        if missing:
+            raise InputConfigError(f"key 'source.postgres': missing section(s) for {', '.join(missing)}")
+        if not isinstance(self.url_env, str) or not _ENV_VAR_NAME.match(self.url_env):
+            raise InputConfigError(f"key 'source.postgres.url_env': expected an environment variable name, got {self.url_env!r}")
+        if not isinstance(self.chunk_rows, int) or isinstance(self.chunk_rows, bool) or self.chunk_rows < 1:
+            raise InputConfigError(f"key 'source.postgres.chunk_rows': expected a positive integer, got {self.chunk_rows!r}")
+
+
 @dataclass(frozen=True)
 class InputConfig:
     """Typed form of the YAML input config; `InputConfig.default()` infers every role from the data."""
@@ -96,6 +190,8 @@ class InputConfig:
     """Separator inside a multi-valued text value ("a|b|c")."""
     customers: TableInputConfig = field(default_factory=TableInputConfig)
     products: TableInputConfig = field(default_factory=TableInputConfig)
+    postgres: PostgresSource | None = None
+    """Read the tables from Postgres instead of the data directory."""
     source: Path | None = None
     """The YAML file this came from, for error messages; None for the default config."""
 
@@ -157,7 +253,44 @@ def _parse_config(raw: Any, path: Path) -> InputConfig:
         raise fail("delimiter", f"expected a non-empty string, got {delimiter!r}")
 
     sections = {table: _parse_table(table, raw.get(table), fail) for table in CONFIGURABLE_TABLES}
-    return InputConfig(delimiter=delimiter, source=path, **sections)
+    postgres = _parse_source(raw.get("source"), path, fail)
+    return InputConfig(delimiter=delimiter, source=path, postgres=postgres, **sections)
+
+
+def _parse_source(raw: Any, path: Path, fail) -> PostgresSource | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"postgres"}:
+        raise fail("source", "expected a mapping with the one key 'postgres'")
+    section = raw["postgres"]
+    if not isinstance(section, dict):
+        raise fail("source.postgres", f"expected a mapping with keys {', '.join(_POSTGRES_KEYS)}")
+    for key in section:
+        if key not in _POSTGRES_KEYS:
+            raise fail(f"source.postgres.{key}", f"unknown key; expected one of {', '.join(_POSTGRES_KEYS)}")
+    try:
+        tables = {}
+        for table in contract.TABLES:
+            spec = section.get(table)
+            key = f"source.postgres.{table}"
+            if spec is None:
+                continue
+            if not isinstance(spec, dict):
+                raise fail(key, f"expected a mapping with keys {', '.join(_POSTGRES_TABLE_KEYS)}")
+            for k in spec:
+                if k not in _POSTGRES_TABLE_KEYS:
+                    raise fail(f"{key}.{k}", f"unknown key; expected one of {', '.join(_POSTGRES_TABLE_KEYS)}")
+            columns = spec.get("columns") or {}
+            if not isinstance(columns, dict):
+                raise fail(f"{key}.columns", "expected a mapping: name in feedpipe -> column in the source")
+            tables[table] = PostgresTableSource(spec.get("table"), spec.get("schema"), spec.get("query"), columns, key)
+        return PostgresSource(
+            tables, section.get("url_env", DEFAULT_SOURCE_URL_ENV), section.get("chunk_rows", 50_000)
+        )
+    except InputConfigError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise InputConfigError(f"{path}: {exc}") from None
 
 
 def _parse_table(table: str, raw: Any, fail) -> TableInputConfig:

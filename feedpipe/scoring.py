@@ -8,14 +8,35 @@ The first over-arch layer is linear in its input, so its pre-activation splits e
     cross(c, p) = sum_{i in C, j in P} W_x[:, i, j] <v_ci, v_pj>
                 = U_c @ vec(E_p),  U_c[h, j, :] = sum_i W_x[h, i, j] v_ci     U_c: [H, Fp*D]
 
-so for a block of B customers and all P products the cross term is ONE matrix product
-`E [P, Fp*D] @ U^T [Fp*D, B*H]`, after which only the remaining over-arch layers run per pair.
-Customers stream in blocks sized to a fixed number of pairs, so memory does not grow with the
-number of customers; top-N is taken per block and exclusions are applied from a sparse (CSR) list.
+All three terms come out of ONE matrix product whose bias and ReLU are fused into it:
+
+    x[p, (c, h)] = relu(E'_p . U'_ch + bias_ch)                                       [P, B*H]
+    E'_p  = [vec(E_p), same-side dots of p]            [Fp*D + n_pp]     once per product
+    U'_ch = [U_c[h] + W_pd[h] on E_p's first block, W_pp[h]]             once per customer
+    bias  = a_c + b1                                   the GEMM's own bias (one per output column)
+
+W_pd folds into U' because the product's dense-arch output already is E_p's first D-block, so only
+the n_pp product dots widen the product (K = 80 + 10 = 90 at the project's defaults). The remaining
+over-arch layers then run on x viewed as [P*B, H] (rows ordered product, customer), the last one a
+matrix-vector product whose bias is added to the N kept scores only.
+
+Work is cut into tiles of about `pairs_per_tile` pairs (B customers x Pc products) so a tile's
+intermediates stay in L2/L3, and into units of customers handed to worker threads. Each worker runs
+single-threaded kernels on its own units: no barrier per matrix product, so a core taken by another
+process on a shared machine slows one worker instead of stalling both. Top-N is taken per unit with
+`torch.topk`, exclusions are scattered into the unit's logits from a CSR list, and unavailable
+products are dropped from E' before scoring, so no customers x products matrix ever exists.
+
+On CPU the kernels are oneDNN's (`torch.ops.mkldnn._linear_pointwise`, the op Inductor lowers
+Linear+ReLU to): on this project's 2-core AMD EPYC it runs fp32 at ~230 GFLOP/s per core where
+MKL's sgemm behind `F.linear` reaches 80-110, and it fuses the bias and the ReLU. bf16 runs on the
+AVX512_BF16 dot-product instructions with fp32 accumulation (~470 GFLOP/s per core).
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,18 +46,23 @@ from torch import nn
 from feedpipe.feature_tensors import SideTensors
 from feedpipe.model import TwoSidedDLRM
 
-DEFAULT_PAIRS_PER_BLOCK = 1 << 18
+# Measured on the 2-core EPYC (benchmarks/README.md, "Scoring"): 8k-pair tiles keep the first
+# layer's output (4 MiB fp32) in L2+L3 and the per-tile Python overhead under 2%.
+DEFAULT_PAIRS_PER_TILE = 1 << 13
+# One worker's unit of customers: ~0.1 s of work, small enough that workers finish together.
+DEFAULT_PAIRS_PER_UNIT = 1 << 19
 
 
 @dataclass
 class TopN:
     """rows[c, k] = product row of customer c's k-th best; scores are probabilities (sigmoid of logits).
 
-    Slots a customer cannot fill (fewer allowed products than N) hold row -1 and score NaN.
+    Slots a customer cannot fill (fewer allowed products than N) hold row -1, logit -inf and score NaN.
     """
 
     product_rows: torch.Tensor  # [Nc, N] int64
     scores: torch.Tensor  # [Nc, N] float32
+    logits: torch.Tensor  # [Nc, N] float32
 
 
 @dataclass
@@ -59,6 +85,18 @@ class Exclusions:
     @classmethod
     def none(cls, num_customers: int) -> "Exclusions":
         return cls(torch.zeros(num_customers + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+    def remapped(self, column_of_row: torch.Tensor) -> "Exclusions":
+        """Product rows -> scored columns; rows that are not scored (column -1) are dropped."""
+        cols = column_of_row[self.values]
+        keep = cols >= 0
+        if bool(keep.all()):
+            return Exclusions(self.offsets, cols)
+        n = self.offsets.numel() - 1
+        owner = torch.repeat_interleave(torch.arange(n), self.offsets[1:] - self.offsets[:-1])
+        offsets = torch.zeros(n + 1, dtype=torch.long)
+        torch.cumsum(torch.bincount(owner[keep], minlength=n), 0, out=offsets[1:])
+        return Exclusions(offsets, cols[keep])
 
 
 @dataclass
@@ -120,50 +158,145 @@ def _same_side_dots(v: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]) -
     return (v[:, i, :] * v[:, j, :]).sum(-1)  # [N, n_pairs]
 
 
+def onednn_available(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, relu: bool, onednn: bool) -> torch.Tensor:
+    """relu?(x @ w.T + b): x [M, K], w [N, K], b [N] -> [M, N], bias and ReLU fused on oneDNN."""
+    if onednn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "relu" if relu else "none", [], "")
+    y = nn.functional.linear(x, w, b)
+    return torch.relu_(y) if relu else y
+
+
 @dataclass
-class ProductFactors:
-    b: torch.Tensor  # [P, H]
-    e: torch.Tensor  # [P, Fp*D]
+class ScoringPlan:
+    """What scoring needs from the model and the product table, computed once."""
+
+    model: TwoSidedDLRM
+    factored: FactoredOverArch
+    e: torch.Tensor  # [P', K'] scoring dtype: E' of every scored product (module docstring)
+    product_rows: torch.Tensor  # [P'] int64: product row of each row of e
+    column_of_row: torch.Tensor  # [P] int64: column of each product row, -1 where not scored
+    u_extra: torch.Tensor  # [H, K'] fp32: the customer-independent part of U'
+    middle: list[tuple[torch.Tensor, torch.Tensor]]  # over-arch layers 2..L-1 (ReLU after each), dtype
+    last_w: torch.Tensor | None  # [H_{L-1}] dtype: the last layer as a vector (None: one-layer over arch)
+    last_b: float  # added to the kept logits only
+    dtype: torch.dtype
+    onednn: bool
+
+    @property
+    def num_scored(self) -> int:
+        return int(self.e.shape[0])
+
+    @property
+    def k_dim(self) -> int:
+        return int(self.e.shape[1])
 
 
-@torch.no_grad()
-def product_factors(model: TwoSidedDLRM, f: FactoredOverArch, products: SideTensors) -> ProductFactors:
-    dense, kjt = products.all_rows()
-    v = model.product_vectors(dense, kjt if products.sparse_keys else None).stacked()  # [P, Fp, D]
-    b = f.b1 + _same_side_dots(v, f.pp_pairs) @ f.w_pp.T
+@torch.inference_mode()
+def plan_scoring(
+    model: TwoSidedDLRM,
+    products: SideTensors,
+    *,
+    dtype: torch.dtype = torch.float32,
+    unavailable: torch.Tensor | None = None,
+) -> ScoringPlan:
+    """Factor the over arch and build E' for the products not in `unavailable` (product rows)."""
+    model.eval()
+    f = factor_over_arch(model)
+    device = f.b1.device
+    n_products = products.num_rows
+    available = torch.ones(n_products, dtype=torch.bool, device=device)
+    if unavailable is not None and unavailable.numel():
+        available[unavailable.to(device)] = False
+    product_rows = torch.nonzero(available).squeeze(1)
+    column_of_row = torch.full((n_products,), -1, dtype=torch.long, device=device)
+    column_of_row[product_rows] = torch.arange(product_rows.numel(), device=device)
+
+    if product_rows.numel():
+        dense, kjt = products.gather(product_rows)
+        v = model.product_vectors(dense, kjt if products.sparse_keys else None).stacked()  # [P', Fp, D]
+    else:
+        v = torch.zeros((0, model.num_product_vectors, model.shape.embedding_dim), device=device)
+    e = torch.cat([v.reshape(v.shape[0], -1), _same_side_dots(v, f.pp_pairs)], dim=1)
+
+    h, d = f.b1.shape[0], model.shape.embedding_dim
+    u_extra = torch.zeros((h, e.shape[1]), device=device)
     if f.w_pd is not None:
-        b = b + v[:, 0, :] @ f.w_pd.T
-    return ProductFactors(b=b, e=v.reshape(v.shape[0], -1))
+        u_extra[:, :d] = f.w_pd  # the product's dense output is v_p0, E's first D-block
+    u_extra[:, v.shape[1] * d :] = f.w_pp
+
+    rest = [(lin.weight.detach().to(dtype).contiguous(), lin.bias.detach().to(dtype).contiguous()) for lin in f.rest]
+    last_w, last_b = (rest[-1][0][0], float(f.rest[-1].bias)) if rest else (None, 0.0)
+    return ScoringPlan(
+        model=model,
+        factored=f,
+        e=e.to(dtype).contiguous(),
+        product_rows=product_rows,
+        column_of_row=column_of_row,
+        u_extra=u_extra,
+        middle=rest[:-1],
+        last_w=last_w,
+        last_b=last_b,
+        dtype=dtype,
+        onednn=onednn_available(device),
+    )
 
 
-@torch.no_grad()
-def customer_block_factors(
-    model: TwoSidedDLRM, f: FactoredOverArch, customers: SideTensors, rows: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """a [B, H] and U [B, H, Fp*D] for the given customer rows."""
+def customer_factors(plan: ScoringPlan, customers: SideTensors, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bias [S, H] (a_c + b1) and U' [S, H, K'] for the given customer rows, in the scoring dtype."""
+    f, model = plan.factored, plan.model
     dense, kjt = customers.gather(rows)
-    v = model.customer_vectors(dense, kjt if customers.sparse_keys else None).stacked()  # [B, Fc, D]
-    a = _same_side_dots(v, f.cc_pairs) @ f.w_cc.T
+    v = model.customer_vectors(dense, kjt if customers.sparse_keys else None).stacked()  # [S, Fc, D]
+    bias = torch.addmm(f.b1, _same_side_dots(v, f.cc_pairs), f.w_cc.T)
     if f.w_cd is not None:
-        a = a + v[:, 0, :] @ f.w_cd.T
-    u = torch.einsum("hij,bid->bhjd", f.w_x, v)  # [B, H, Fp, D]
-    return a, u.reshape(u.shape[0], u.shape[1], -1)
+        bias = bias.addmm_(v[:, 0, :], f.w_cd.T)
+    s, h = v.shape[0], f.b1.shape[0]
+    u = torch.empty((s, h, plan.k_dim), device=v.device)
+    fp_d = f.w_x.shape[2] * v.shape[2]
+    # U[s, h, j, d] = sum_i W_x[h, i, j] v[s, i, d], as one matmul: [S, D, Fc] @ [Fc, H*Fp].
+    cross = torch.matmul(v.transpose(1, 2), f.w_x.permute(1, 0, 2).reshape(v.shape[1], -1))  # [S, D, H*Fp]
+    u[:, :, :fp_d] = cross.view(s, v.shape[2], h, -1).permute(0, 2, 3, 1).reshape(s, h, fp_d)
+    u[:, :, fp_d:] = 0
+    u += plan.u_extra
+    return bias.to(plan.dtype).contiguous(), u.to(plan.dtype)
 
 
-def block_logits(
-    a: torch.Tensor, u: torch.Tensor, pf: ProductFactors, rest: list[nn.Linear], dtype: torch.dtype = torch.float32
+def tile_shape(num_products: int, pairs_per_tile: int) -> tuple[int, int]:
+    """(customers, products) per tile: all products for several customers, or a product chunk for one."""
+    if num_products == 0:
+        return 1, 1
+    b = max(1, pairs_per_tile // num_products)
+    return b, min(num_products, max(1, pairs_per_tile // b))
+
+
+def unit_logits(
+    plan: ScoringPlan, bias: torch.Tensor, u: torch.Tensor, out: torch.Tensor, pairs_per_tile: int
 ) -> torch.Tensor:
-    """Logits [B, P] for a block of customers against all products."""
-    bsz, h, k = u.shape
-    p = pf.e.shape[0]
-    # [P, K] @ [K, B*H] -> [P, B*H] == [P*B, H] row-major: rows ordered (product, customer).
-    x = (pf.e.to(dtype) @ u.reshape(bsz * h, k).T.to(dtype)).view(p, bsz, h)
-    x = torch.relu_(x.add_(a.to(dtype).unsqueeze(0)).add_(pf.b.to(dtype).unsqueeze(1))).view(p * bsz, h)
-    for i, lin in enumerate(rest):
-        x = torch.nn.functional.linear(x, lin.weight.to(dtype), lin.bias.to(dtype))
-        if i < len(rest) - 1:
-            x = torch.relu_(x)
-    return x.view(p, bsz).T.float()
+    """out[s, p] = logit (without the last layer's bias) of customer s against scored product p.
+
+    bias [S, H], u [S, H, K'] from `customer_factors`; out [S, P'] float32.
+    """
+    s_total, h = bias.shape
+    n_p = plan.num_scored
+    b_tile, p_tile = tile_shape(n_p, pairs_per_tile)
+    for s0 in range(0, s_total, b_tile):
+        s1 = min(s_total, s0 + b_tile)
+        nb = s1 - s0
+        u_b = u[s0:s1].view(nb * h, -1)
+        bias_b = bias[s0:s1].view(-1)
+        for p0 in range(0, n_p, p_tile):
+            p1 = min(n_p, p0 + p_tile)
+            # [Pc, K'] x [K', B*H] -> [Pc, B*H] == [Pc*B, H] row-major: rows ordered (product, customer).
+            x = linear(plan.e[p0:p1], u_b, bias_b, relu=plan.last_w is not None, onednn=plan.onednn)
+            x = x.view((p1 - p0) * nb, -1)
+            for w, b in plan.middle:
+                x = linear(x, w, b, relu=True, onednn=plan.onednn)
+            logit = torch.mv(x, plan.last_w) if plan.last_w is not None else x
+            out[s0:s1, p0:p1] = logit.view(p1 - p0, nb).T
+    return out
 
 
 def _apply_exclusions(logits: torch.Tensor, ex: Exclusions, start: int, stop: int) -> None:
@@ -175,6 +308,58 @@ def _apply_exclusions(logits: torch.Tensor, ex: Exclusions, start: int, stop: in
     logits[block_rows, ex.values[lo:hi].to(logits.device)] = float("-inf")
 
 
+class _ThreadsPerWorker:
+    """Run torch kernels single-threaded in pool workers; restore the caller's setting afterwards."""
+
+    def __init__(self) -> None:
+        self.saved = torch.get_num_threads()
+
+    @staticmethod
+    def init_worker() -> None:
+        torch.set_num_threads(1)  # per OS thread for OpenMP (and the pool threads do nothing else)
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.saved)
+
+
+def _units(n: int, num_products: int, pairs_per_tile: int, pairs_per_unit: int) -> list[tuple[int, int]]:
+    b_tile, _ = tile_shape(num_products, pairs_per_tile)
+    per_unit = max(b_tile, (max(1, pairs_per_unit // max(1, num_products)) // b_tile) * b_tile)
+    return [(s, min(n, s + per_unit)) for s in range(0, n, per_unit)]
+
+
+def run_units(units: list[tuple[int, int]], work, workers: int) -> None:
+    """Call work(start, stop) for every unit: inline (the kernels use torch's own threads) when
+    workers <= 1, else on `workers` threads each running single-threaded kernels."""
+    if workers <= 1:
+        with torch.inference_mode():
+            for start, stop in units:
+                work(start, stop)
+        return
+    threads = _ThreadsPerWorker()
+    lock, queue = threading.Lock(), list(reversed(units))
+
+    def worker() -> None:
+        with torch.inference_mode():  # grad mode is per thread
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    start, stop = queue.pop()
+                work(start, stop)
+
+    try:
+        with ThreadPoolExecutor(workers, initializer=threads.init_worker) as pool:
+            for fut in [pool.submit(worker) for _ in range(workers)]:
+                fut.result()
+    finally:
+        threads.restore()
+
+
+def default_workers(device: torch.device) -> int:
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
 @torch.no_grad()
 def score_all_pairs(
     model: TwoSidedDLRM,
@@ -183,36 +368,64 @@ def score_all_pairs(
     *,
     top_n: int = 100,
     exclusions: Exclusions | None = None,
-    pairs_per_block: int = DEFAULT_PAIRS_PER_BLOCK,
+    unavailable: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     customer_rows: torch.Tensor | None = None,
+    pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
+    pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT,
+    workers: int | None = None,
+    plan: ScoringPlan | None = None,
 ) -> TopN:
-    """Top-N products per customer over all products (exact in fp32; see module docstring).
+    """Top-N products per customer over all available products (exact in fp32; see module docstring).
 
-    `customer_rows` restricts scoring to those rows of `customers` (e.g. one rank's range); the
-    result is aligned with it. Exclusions are indexed by position in `customer_rows`.
+    `unavailable`: product rows never recommended. `customer_rows` restricts scoring to those rows of
+    `customers` (e.g. one rank's range); the result and `exclusions` are indexed by position in it.
+    `workers`: threads, each running single-threaded kernels (default: torch.get_num_threads() on CPU,
+    1 elsewhere); 1 runs inline with torch's own intra-op threads.
     """
-    model.eval()
-    f = factor_over_arch(model)
-    pf = product_factors(model, f, products)
-    n_products = pf.e.shape[0]
-    rows_all = customer_rows if customer_rows is not None else torch.arange(customers.num_rows)
+    plan = plan or plan_scoring(model, products, dtype=dtype, unavailable=unavailable)
+    device = plan.e.device
+    rows_all = customer_rows if customer_rows is not None else torch.arange(customers.num_rows, device=device)
     n = rows_all.numel()
-    exclusions = exclusions if exclusions is not None else Exclusions.none(n)
-    k = min(top_n, n_products)
+    ex = (exclusions if exclusions is not None else Exclusions.none(n)).remapped(plan.column_of_row.cpu())
+    n_p = plan.num_scored
+    k = min(top_n, n_p)
     out_rows = torch.empty((n, k), dtype=torch.long)
-    out_scores = torch.empty((n, k), dtype=torch.float32)
-    block = max(1, pairs_per_block // max(1, n_products))
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        a, u = customer_block_factors(model, f, customers, rows_all[start:stop])
-        logits = block_logits(a, u, pf, f.rest, dtype)
-        _apply_exclusions(logits, exclusions, start, stop)
+    out_logits = torch.empty((n, k), dtype=torch.float32)
+
+    def work(start: int, stop: int) -> None:
+        bias, u = customer_factors(plan, customers, rows_all[start:stop])
+        logits = unit_logits(plan, bias, u, torch.empty((stop - start, n_p), device=device), pairs_per_tile)
+        _apply_exclusions(logits, ex, start, stop)
         top = torch.topk(logits, k, dim=1)
-        unfilled = top.values == float("-inf")
-        out_rows[start:stop] = top.indices.masked_fill(unfilled, -1)
-        out_scores[start:stop] = torch.sigmoid(top.values).masked_fill(unfilled, float("nan"))
-    return TopN(out_rows, out_scores)
+        out_rows[start:stop] = plan.product_rows[top.indices].cpu()
+        out_logits[start:stop] = top.values.cpu()
+
+    run_units(_units(n, n_p, pairs_per_tile, pairs_per_unit), work, workers or default_workers(device))
+    unfilled = out_logits == float("-inf")
+    out_logits += plan.last_b
+    return TopN(
+        product_rows=out_rows.masked_fill_(unfilled, -1),
+        scores=torch.sigmoid(out_logits).masked_fill_(unfilled, float("nan")),
+        logits=out_logits,
+    )
+
+
+@torch.inference_mode()
+def pair_logits(
+    model: TwoSidedDLRM,
+    customers: SideTensors,
+    products: SideTensors,
+    customer_rows: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+    pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
+) -> torch.Tensor:
+    """Logits [len(customer_rows), P] of every pair through the scorer's path (for checks and benchmarks)."""
+    plan = plan_scoring(model, products, dtype=dtype)
+    bias, u = customer_factors(plan, customers, customer_rows)
+    out = torch.empty((customer_rows.numel(), plan.num_scored), device=plan.e.device)
+    return unit_logits(plan, bias, u, out, pairs_per_tile) + plan.last_b
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import torch
 from torchmetrics.functional.classification import binary_auroc
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from feedpipe.feature_tensors import SideTensors, side_tensors
 from feedpipe.model import ModelShape, TwoSidedDLRM, sparse_features_for
@@ -36,10 +37,39 @@ class TrainConfig:
     over_arch_layers: tuple[int, ...] = (128, 64, 1)
     batch_size: int = 2048
     epochs: int = 6
+    # "adam": Adam on the dense arches, TorchRec's RowWiseAdagrad (one accumulator per embedding row)
+    # on the embedding tables. "sgd": plain SGD on everything (the source article's setting).
+    optimizer: str = "adam"
     learning_rate: float = 3e-3
+    embedding_learning_rate: float = 0.05
     embedding_weight_decay: float = 0.0
+    dense_weight_decay: float = 0.0
     patience: int = 1
     seed: int = 0
+
+
+# The source article's DLRM settings, kept as a preset for comparison.
+ARTICLE_PRESET = TrainConfig(
+    embedding_dim=10,
+    dense_arch_layers=(512, 256, 10),
+    over_arch_layers=(512, 512, 256, 1),
+    optimizer="sgd",
+    learning_rate=0.01,
+    embedding_learning_rate=0.01,
+)
+
+
+def make_optimizers(model: TwoSidedDLRM, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    embedding = [p for n, p in model.named_parameters() if "_ebc." in n]
+    dense = [p for n, p in model.named_parameters() if "_ebc." not in n]
+    if config.optimizer == "sgd":
+        return [torch.optim.SGD(model.parameters(), lr=config.learning_rate)]
+    if config.optimizer != "adam":
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+    return [
+        torch.optim.Adam(dense, lr=config.learning_rate, weight_decay=config.dense_weight_decay),
+        RowWiseAdagrad(embedding, lr=config.embedding_learning_rate, weight_decay=config.embedding_weight_decay),
+    ]
 
 
 @dataclass
@@ -117,7 +147,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None):
         yield order[start : start + batch_size]
 
 
-def _forward(model: TwoSidedDLRM, data: ExampleTensors, rows: torch.Tensor) -> torch.Tensor:
+def forward_examples(model: TwoSidedDLRM, data: ExampleTensors, rows: torch.Tensor) -> torch.Tensor:
     cd, ck = data.customers.gather(rows)
     pd, pk = data.products.gather(rows)
     return model(cd, ck if data.customers.sparse_keys else None, pd, pk if data.products.sparse_keys else None)
@@ -127,7 +157,7 @@ def _forward(model: TwoSidedDLRM, data: ExampleTensors, rows: torch.Tensor) -> t
 def evaluate_examples(model: TwoSidedDLRM, data: ExampleTensors, batch_size: int = 16384) -> tuple[float, float]:
     """(log loss, AUC) on labelled examples."""
     model.eval()
-    logits = torch.cat([_forward(model, data, rows) for rows in _batches(data.num_rows, batch_size, None)])
+    logits = torch.cat([forward_examples(model, data, rows) for rows in _batches(data.num_rows, batch_size, None)])
     labels = data.labels.to(logits.device)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
     auc = binary_auroc(torch.sigmoid(logits), labels.long()).item()
@@ -146,7 +176,7 @@ def train_dlrm(
     torch.manual_seed(config.seed)
     model = TwoSidedDLRM(shape, device=device)
     train, valid = train.to(device), valid.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizers = make_optimizers(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[EpochStats] = []
     loss_curve: list[float] = []
@@ -159,16 +189,18 @@ def train_dlrm(
         total, count, group_loss, group_n = 0.0, 0, 0.0, 0
         for rows in _batches(train.num_rows, config.batch_size, generator):
             rows = rows.to(device)
-            logits = _forward(model, train, rows)
+            logits = forward_examples(model, train, rows)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, train.labels.index_select(0, rows))
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"training loss became {loss.item()} at epoch {epoch}, after {count} batches; "
                     f"lower the learning rate (now {config.learning_rate}) or check the input features"
                 )
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for opt in optimizers:
+                opt.step()
             total += loss.item() * rows.numel()
             count += rows.numel()
             group_loss, group_n = group_loss + loss.item(), group_n + 1

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from psycopg import sql
 
-from feedpipe.database import connect, embedded_server_url
+from feedpipe.database import connect, embedded_server_url, import_pgserver
 
 TEST_DATABASE_URL_ENV = "FEEDPIPE_TEST_DATABASE_URL"
 
@@ -25,8 +25,7 @@ def pg_server_url(tmp_path_factory) -> str:
     if url:
         yield url
         return
-    import pgserver
-
+    pgserver = import_pgserver()
     pgdata = tmp_path_factory.mktemp("feedpipe_pg") / "pgdata"
     yield embedded_server_url(pgdata, cleanup_mode="delete")
     pgserver.get_server(pgdata).cleanup()  # the cached handle: stops the server and deletes pgdata

@@ -48,3 +48,24 @@ def test_model_ranking_applies_exclusions_and_ranks_from_one():
     assert all(int(p[1:]) % 3 == 0 for p in c0)
     scores = ranking.filter(pl.col("customer_id") == "c0").sort("rank").get_column("score").to_list()
     assert scores == sorted(scores, reverse=True)
+
+
+def test_ranking_metrics_match_a_hand_computed_case():
+    import math
+
+    from feedpipe.evaluation import ranking_metrics
+
+    ranking = _ranking([("a", "x", 1), ("a", "y", 2), ("a", "z", 3), ("b", "x", 1), ("b", "w", 2)])
+    holdout = pl.DataFrame({"customer_id": ["a", "a", "b"], "product_id": ["y", "q", "q"]})
+    m = ranking_metrics(ranking, holdout, k=2, catalogue_size=10)
+    # a: relevant {y, q}; top-2 [x, y] -> recall 1/2, hit 1, DCG = 1/log2(3), IDCG = 1 + 1/log2(3),
+    #    AP@2 = (precision at the hit, 1/2) / relevant-in-top-k (torchmetrics divides by hits) = 1/2
+    # b: relevant {q}; top-2 [x, w] -> all zero
+    assert m["recall"] == pytest.approx(0.25)
+    assert m["hit_rate"] == pytest.approx(0.5)
+    ndcg_a = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
+    assert m["ndcg"] == pytest.approx(ndcg_a / 2, rel=1e-5)
+    assert m["map"] == pytest.approx(0.25)
+    assert m["coverage"] == pytest.approx(3 / 10)
+    assert m["customers"] == 2
+    assert m["recall"] == pytest.approx(recall_at_k(ranking, holdout, 2))

@@ -10,20 +10,11 @@ import pyarrow as pa
 import pytest
 from psycopg import sql
 
+from feedpipe.copy_binary import FeedArrays, encode_copy_rows
 from feedpipe.database import connect
-from feedpipe.publishing import (
-    FEED_COLUMNS,
-    PUBLISH_LOCK_KEY,
-    FeedArrays,
-    PublishError,
-    PublishLockTimeout,
-    current_version,
-    encode_copy_rows,
-    init_schema,
-    list_versions,
-    publish_feed,
-    read_feed,
-)
+from feedpipe.feed_queries import current_version, list_versions, read_feed
+from feedpipe.feed_schema import FEED_COLUMNS, MIGRATIONS, init_schema
+from feedpipe.publishing import PUBLISH_LOCK_KEY, PublishError, PublishLockTimeout, publish_feed
 
 DAY = dt.date(2024, 3, 1)
 AWKWARD_IDS = ["", "O'Reilly", 'say "hi"', "tab\there", "back\\slash", "new\nline", "Ünïcødé 🚀 日本", "\\N", "NULL", ","]

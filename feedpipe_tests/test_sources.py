@@ -321,7 +321,7 @@ def test_null_ids_are_reported_with_parquet_row_numbers(tmp_path):
     write_parquet(tmp_path, TRANSACTIONS, pl.DataFrame(
         {CUSTOMER_ID: ["c", None, ""], PRODUCT_ID: ["p"] * 3, TS: [date(2024, 1, 1)] * 3}))
 
-    with pytest.raises(InputError, match=r"(?s)transactions\.parquet.*column 'customer_id': 2 row\(s\) are empty.*row 2: empty.*row 3: empty"):
+    with pytest.raises(InputError, match=r"(?s)transactions\.parquet.*column 'customer_id': 2 row\(s\) have no id.*row 2: empty.*row 3: empty"):
         read_transactions(tmp_path)
 
 
@@ -337,10 +337,10 @@ def test_only_the_first_five_bad_rows_are_listed(tmp_path):
     assert "... and 3 more" in str(err.value)
 
 
-def test_duplicate_ids_in_an_attribute_table_are_an_error(tmp_path):
+def test_conflicting_duplicate_ids_in_an_attribute_table_are_an_error_in_strict_reading(tmp_path):
     write_csv(tmp_path, PRODUCTS, "product_id,brand\np1,a\np2,b\np1,c\n")
 
-    with pytest.raises(InputError, match=r"(?s)products\.csv.*'product_id': 2 row\(s\) repeat an id.*line 2: 'p1'.*line 4: 'p1'"):
+    with pytest.raises(InputError, match=r"(?s)products\.csv.*'product_id': 2 row\(s\) share their id.*line 2: 'p1'.*line 4: 'p1'"):
         read_products(tmp_path)
 
 

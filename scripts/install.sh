@@ -25,7 +25,7 @@ pipi() { $PIP install "$@" 2>&1 | grep -v -E "is ignored|dependency resolver|req
 pipi "torch==2.13.0" "$FBGEMM"
 pipi --no-deps "torchrec==1.8.0"
 pipi "tensordict" "torchmetrics==1.0.3" "pyre-extensions" "tqdm" "iopath" "typing-inspect"
-pipi -e ".[dev]"
+pipi -e ".[dev,examples]"
 # Fail loudly here rather than at the first import in a test.
 "$VENV/bin/python" -c "import torch, fbgemm_gpu, torchrec, dagster, dagster_postgres, polars, pgserver" \
   || { echo "install check failed" >&2; exit 1; }

@@ -35,6 +35,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
     partitions_def=feed_date_partitions,
     group_name="feed",
     kinds={"pytorch", "polars"},
+    # Runs after the evaluation so its blocking gate (beats_popularity) can stop the publish.
+    deps=["model_evaluation"],
     check_specs=[
         dg.AssetCheckSpec("no_null_ids", asset="pair_scores", blocking=True),
         dg.AssetCheckSpec(

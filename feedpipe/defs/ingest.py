@@ -1,56 +1,246 @@
-"""Input assets: the three contract tables, read and validated by feedpipe.sources."""
+"""Input assets: the three contract tables, loaded and quarantined by the core, and the checks on what came in.
 
+Each asset reads its table (a file in the data directory, or a Postgres export when the input config names one),
+writes the rejected rows to `<artifacts>/rejected/<table>/<feed date>.parquet` (always, empty when none), records
+counts per reason in metadata, and applies its rejection policy (the asset's config). Transactions are checked
+against the accepted customers and products, so they depend on those two assets.
 
-from datetime import date, datetime
+A fatal input problem or a policy breach fails the asset with the loader's message (file, column, rows, what was
+expected); nothing downstream runs, so the feed being served stays as it is.
+"""
+
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
+from pydantic import Field
 
-from feedpipe import sources
-from feedpipe.contract import CUSTOMERS, PRODUCTS, TS
+from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS, TRANSACTIONS, TS
+from feedpipe.database import DatabaseError
+from feedpipe.defs.io_manager import latest_partition_before
 from feedpipe.defs.metadata import frame_metadata, markdown_table
 from feedpipe.defs.partitions import feed_date_partitions
-from feedpipe.defs.resources import DataResource
+from feedpipe.defs.resources import ArtifactsResource, DataResource
+from feedpipe.input_config import InputError
+from feedpipe.input_health import daily_volume, freshness, vocabulary_drift
+from feedpipe.input_tables import open_table, reject_unknown_references
+from feedpipe.quarantine import REASONS, RejectionPolicy, TableLoad, enforce_policy, write_rejected
+from feedpipe.sources import infer_features, load_customers, load_products, load_transactions
+from feedpipe.table_files import StoredTable
+from feedpipe.vocabularies import Vocabularies, side_specs
+
+REJECTED_DIR = "rejected"
 
 
 def feed_date_of(context: dg.AssetExecutionContext) -> date:
     return date.fromisoformat(context.partition_key)
 
 
-def _feature_metadata(table: str, df: pl.DataFrame, data: DataResource) -> dict:
-    specs = sources.infer_features(table, df, data.config())
-    return {"features": markdown_table([{"column": s.name, "role": s.role} for s in specs])}
+class RejectionPolicyConfig(dg.Config):
+    """How many bad rows a table may have before the run stops, and what makes a value absurd."""
 
-
-@dg.asset(partitions_def=feed_date_partitions, group_name="input", kinds={"polars"})
-def transactions(context: dg.AssetExecutionContext, data: DataResource) -> dg.Output[pl.DataFrame]:
-    """Every transaction before the feed date (the feed for day D is built from what happened before D)."""
-    feed_date = feed_date_of(context)
-    df = sources.read_transactions(data.directory(), data.config())
-    cutoff = datetime.combine(feed_date, datetime.min.time())
-    kept = df.filter(pl.col(TS) < cutoff)
-    meta = frame_metadata(
-        kept,
-        rows_read=df.height,
-        rows_on_or_after_feed_date=df.height - kept.height,
-        first_ts=str(kept.get_column(TS).min()) if kept.height else "",
-        last_ts=str(kept.get_column(TS).max()) if kept.height else "",
-        source=dg.MetadataValue.path(str(sources.find_table_file(data.directory(), "transactions"))),
+    max_rejected_fraction: float = Field(
+        default=0.01, description="Fail the table when rejected / received rows is above this (0: none, 1: never)."
     )
-    if kept.is_empty():
-        raise dg.Failure(f"no transactions before the feed date {feed_date} in {data.directory()}", metadata=meta)
-    return dg.Output(kept, metadata=meta)
+    exempt_reasons: list[str] = Field(
+        default=[],
+        description=f"Reasons still rejected and counted but not held against the fraction; one of {', '.join(REASONS)}. "
+        "A backfill over a later export exempts ts_after_feed_date.",
+    )
+    max_id_chars: int = Field(default=256, description="Longer ids are rejected (text_too_long).")
+    max_text_chars: int = Field(default=1024, description="Longer text attribute values are rejected (text_too_long).")
+
+    def policy(self) -> RejectionPolicy:
+        try:
+            return RejectionPolicy(self.max_rejected_fraction, tuple(self.exempt_reasons), self.max_id_chars,
+                                   self.max_text_chars)
+        except InputError as exc:
+            raise dg.Failure(f"rejection policy config: {exc}") from None
 
 
-@dg.asset(partitions_def=feed_date_partitions, group_name="input", kinds={"polars"})
-def customers(context: dg.AssetExecutionContext, data: DataResource) -> dg.Output[pl.DataFrame]:
-    """Customer ids (as text) and attributes typed by role."""
-    df = sources.read_customers(data.directory(), data.config())
-    return dg.Output(df, metadata=frame_metadata(df, **_feature_metadata(CUSTOMERS, df, data)))
+class TransactionsConfig(RejectionPolicyConfig):
+    max_age_days: float = Field(default=2.0, description="Freshness check: newest transaction at most this many days before the feed date.")
+    volume_trailing_days: int = Field(default=28, description="Volume check: days the median daily count is taken over.")
+    volume_max_change: float = Field(default=0.5, description="Volume check warns when the last day differs from the median by more than this share.")
 
 
-@dg.asset(partitions_def=feed_date_partitions, group_name="input", kinds={"polars"})
-def products(context: dg.AssetExecutionContext, data: DataResource) -> dg.Output[pl.DataFrame]:
+class AttributeTableConfig(RejectionPolicyConfig):
+    max_oov_share: float = Field(default=0.2, description="Drift check warns when a feature has more than this share of values the last vocabulary does not know.")
+
+
+@dg.asset(
+    partitions_def=feed_date_partitions,
+    group_name="input",
+    kinds={"polars"},
+    check_specs=[dg.AssetCheckSpec("vocabulary_drift", asset=CUSTOMERS,
+                                   description="Share of values unknown to the last night's vocabularies (warning).")],
+)
+def customers(context: dg.AssetExecutionContext, config: AttributeTableConfig, data: DataResource,
+              artifacts: ArtifactsResource):
+    """Customer ids (as text) and attributes typed by role; rejected rows set aside with their reason."""
+    load = _load(context, CUSTOMERS, data, artifacts, config.policy(),
+                 lambda stored: load_customers(stored, data.config(), config.policy()))
+    yield _output(load, context, artifacts, features=_features(CUSTOMERS, load.accepted, data))
+    yield _drift_check(context, CUSTOMERS, load.accepted, data, artifacts, config.max_oov_share)
+
+
+@dg.asset(
+    partitions_def=feed_date_partitions,
+    group_name="input",
+    kinds={"polars"},
+    check_specs=[dg.AssetCheckSpec("vocabulary_drift", asset=PRODUCTS,
+                                   description="Share of values unknown to the last night's vocabularies (warning).")],
+)
+def products(context: dg.AssetExecutionContext, config: AttributeTableConfig, data: DataResource,
+             artifacts: ArtifactsResource):
     """Product ids (as text) and attributes typed by role: the catalogue every customer is scored against."""
-    df = sources.read_products(data.directory(), data.config())
-    return dg.Output(df, metadata=frame_metadata(df, **_feature_metadata(PRODUCTS, df, data)))
+    load = _load(context, PRODUCTS, data, artifacts, config.policy(),
+                 lambda stored: load_products(stored, data.config(), config.policy()))
+    yield _output(load, context, artifacts, features=_features(PRODUCTS, load.accepted, data))
+    yield _drift_check(context, PRODUCTS, load.accepted, data, artifacts, config.max_oov_share)
+
+
+@dg.asset(
+    partitions_def=feed_date_partitions,
+    group_name="input",
+    kinds={"polars"},
+    check_specs=[
+        dg.AssetCheckSpec("referential_integrity", asset=TRANSACTIONS, blocking=True,
+                          description="Every accepted transaction names an accepted customer and product."),
+        dg.AssetCheckSpec("freshness", asset=TRANSACTIONS,
+                          description="The newest transaction is at most max_age_days before the feed date."),
+        dg.AssetCheckSpec("daily_volume", asset=TRANSACTIONS,
+                          description="The last day's count against the trailing median (warning)."),
+    ],
+)
+def transactions(context: dg.AssetExecutionContext, config: TransactionsConfig, data: DataResource,
+                 artifacts: ArtifactsResource, customers: pl.DataFrame, products: pl.DataFrame):
+    """Every transaction before the feed date (the feed for day D is built from what happened before D) that names
+    an accepted customer and product; later and dangling rows are rejected with their reason."""
+    feed_date = feed_date_of(context)
+    policy = config.policy()
+
+    def load(stored: StoredTable) -> TableLoad:
+        loaded = load_transactions(stored, data.config(), policy, feed_date)
+        return reject_unknown_references(loaded, customers, products)
+
+    tx = _load(context, TRANSACTIONS, data, artifacts, policy, load)
+    accepted = tx.accepted
+    if accepted.is_empty():
+        raise dg.Failure(f"{tx.source}: no transactions accepted before the feed date {feed_date}")
+    ts = accepted.get_column(TS)
+    yield _output(tx, context, artifacts, first_ts=str(ts.min()), last_ts=str(ts.max()))
+    yield _integrity_check(tx, accepted, customers, products)
+
+    fresh = freshness(ts, feed_date, config.max_age_days)
+    yield dg.AssetCheckResult(
+        check_name="freshness",
+        passed=fresh.passed,
+        metadata={"latest_ts": str(fresh.latest), "age_days": round(fresh.age_days, 2), "max_age_days": config.max_age_days},
+        description=None if fresh.passed else f"the newest transaction ({fresh.latest}) is {fresh.age_days:.1f} days "
+        f"before the feed date; is the export still updating?",
+    )
+    volume = daily_volume(ts, feed_date, config.volume_trailing_days, config.volume_max_change)
+    yield dg.AssetCheckResult(
+        check_name="daily_volume",
+        passed=not volume.anomalous,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "day": str(volume.day),
+            "count": volume.count,
+            "trailing_median": volume.trailing_median if volume.trailing_median is not None else "n/a",
+            "trailing_days": volume.trailing_days,
+            "change": round(volume.change, 4) if volume.change is not None else "n/a",
+            "max_change": config.volume_max_change,
+        },
+    )
+
+
+# --- shared steps ----------------------------------------------------------------------------------------------------
+
+
+def _load(context: dg.AssetExecutionContext, table: str, data: DataResource, artifacts: ArtifactsResource,
+          policy: RejectionPolicy, loader: Callable[[StoredTable], TableLoad]) -> TableLoad:
+    """Read, quarantine, write the rejected rows, enforce the policy; input problems become a `dg.Failure`."""
+    rejected_path = _rejected_path(context, table, artifacts)
+    rejected_path.unlink(missing_ok=True)  # a stale file from an earlier run of this partition would mislead
+    try:
+        input_config = data.config()
+        data_dir = data.directory() if input_config.postgres is None else None
+        with open_table(table, data_dir, input_config, artifacts.path("spool")) as stored:
+            load = loader(stored)
+        write_rejected(load, rejected_path)
+        enforce_policy(load, policy, rejected_path)
+    except (InputError, DatabaseError) as exc:
+        metadata = _rejection_metadata(exc.load, rejected_path) if hasattr(exc, "load") else {}
+        raise dg.Failure(description=str(exc), metadata=metadata, allow_retries=False) from None
+    context.log.info(f"{table}: {load.accepted.height:,} of {load.received:,} rows accepted from {load.source}")
+    return load
+
+
+def _rejected_path(context: dg.AssetExecutionContext, table: str, artifacts: ArtifactsResource) -> Path:
+    return artifacts.path(REJECTED_DIR, table, f"{context.partition_key}.parquet")
+
+
+def _rejection_metadata(load: TableLoad, rejected_path: Path) -> dict:
+    counts = load.counts()
+    return {
+        "rows_received": load.received,
+        "rows_accepted": load.received - load.rejected.height,
+        "rows_rejected": load.rejected.height,
+        "rejected_by_reason": markdown_table(counts.to_dicts()),
+        "rejected_counts": dg.MetadataValue.json(load.counts_by_reason()),
+        "rejected_rows": dg.MetadataValue.path(str(rejected_path)),
+        "source": load.source,
+    }
+
+
+def _output(load: TableLoad, context: dg.AssetExecutionContext, artifacts: ArtifactsResource, **extra) -> dg.Output:
+    metadata = frame_metadata(load.accepted, **_rejection_metadata(load, _rejected_path(context, load.table, artifacts)), **extra)
+    return dg.Output(load.accepted, metadata=metadata)
+
+
+def _features(table: str, df: pl.DataFrame, data: DataResource) -> dg.MetadataValue:
+    return markdown_table([{"column": s.name, "role": s.role} for s in infer_features(table, df, data.config())])
+
+
+def _integrity_check(tx: TableLoad, accepted: pl.DataFrame, customers: pl.DataFrame,
+                     products: pl.DataFrame) -> dg.AssetCheckResult:
+    dangling = accepted.filter(
+        ~pl.col(CUSTOMER_ID).is_in(customers.get_column(CUSTOMER_ID))
+        | ~pl.col(PRODUCT_ID).is_in(products.get_column(PRODUCT_ID))
+    ).height
+    counts = tx.counts_by_reason()
+    return dg.AssetCheckResult(
+        check_name="referential_integrity",
+        passed=dangling == 0,
+        metadata={
+            "accepted_rows_with_unknown_ids": dangling,
+            **{f"rejected_{r}": counts.get(r, 0) for r in ("unknown_customer", "unknown_product", "id_matches_only_as_number")},
+        },
+    )
+
+
+def _drift_check(context: dg.AssetExecutionContext, table: str, frame: pl.DataFrame, data: DataResource,
+                 artifacts: ArtifactsResource, max_oov_share: float) -> dg.AssetCheckResult:
+    previous_dir = latest_partition_before(artifacts.path(), "vocabularies", context.partition_key)
+    if previous_dir is None:
+        return dg.AssetCheckResult(check_name="vocabulary_drift", passed=True, severity=dg.AssetCheckSeverity.WARN,
+                                   metadata={"baseline": "none (no earlier vocabularies)"})
+    drift = vocabulary_drift(frame, side_specs(table, frame, data.config()), Vocabularies.load(previous_dir))
+    drifted = [d for d in drift if d.oov_share > max_oov_share]
+    return dg.AssetCheckResult(
+        check_name="vocabulary_drift",
+        passed=not drifted,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "baseline": previous_dir.name,
+            "max_oov_share": max_oov_share,
+            "oov_share": markdown_table([{"feature": d.feature, "oov_share": d.oov_share} for d in drift]),
+        },
+        description=None if not drifted else "out-of-vocabulary share above the limit: "
+        + ", ".join(f"{d.feature} {d.oov_share:.1%}" for d in drifted),
+    )
+

@@ -1,6 +1,8 @@
 """Model assets: vocabularies -> training_examples -> dlrm_model, with the blocking quality check."""
 
 
+from dataclasses import asdict
+
 import dagster as dg
 from pydantic import Field
 import polars as pl
@@ -11,17 +13,8 @@ from feedpipe.defs.io_manager import latest_partition_before
 from feedpipe.defs.metadata import frame_metadata, markdown_table
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DataResource
-from feedpipe.evaluation import evaluation_customers, recall_at_k
-from feedpipe.ranking import model_ranking, popularity_ranking
 from feedpipe.training import TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
-from feedpipe.training_examples import (
-    SPLIT,
-    ExampleConfig,
-    Window,
-    attach_features,
-    build_training_examples,
-    holdout_pairs,
-)
+from feedpipe.training_examples import SPLIT, ExampleConfig, attach_features, build_training_examples
 from feedpipe.vocabularies import Vocabularies, build_vocabularies, encode_table, side_specs
 
 
@@ -49,7 +42,6 @@ class TrainingConfig(dg.Config):
     patience: int = 1
     seed: int = 0
     min_validation_auc: float = Field(default=0.6, description="Blocking check: below this the feed is not published.")
-    eval_k: int = 20
 
     def core(self) -> TrainConfig:
         return TrainConfig(
@@ -147,14 +139,11 @@ def dlrm_model(
     compute: ComputeResource,
     training_examples: pl.DataFrame,
     vocabularies: Vocabularies,
-    transactions: pl.DataFrame,
-    customers: pl.DataFrame,
-    products: pl.DataFrame,
 ):
     """A two-sided DLRM (TorchRec EmbeddingBagCollections + DLRM arches) trained on the compute resource's device.
 
-    Metadata: per-epoch losses and validation AUC, recall@K on the held-out days for the model and
-    for a popularity ranking under the same exclusions.
+    Metadata: per-epoch losses and validation AUC, samples/s, parameters, device. Ranking quality
+    against the baselines is `model_evaluation`'s job.
     """
     device = compute.torch_device()
     train_cfg = config.core()
@@ -163,41 +152,27 @@ def dlrm_model(
     result = train_dlrm(train, valid, shape, train_cfg, device, log=context.log.info)
     best = result.best
 
-    # Recall@K on the held-out days: rank as the feed would (past purchases excluded) for customers
-    # with history before the holdout and new purchases in it.
-    window = Window.for_feed_date(feed_date_of(context), ExamplesConfig().core())
-    train_pairs, held = holdout_pairs(transactions, window)
-    eval_ids = evaluation_customers(train_pairs, held)
-    eval_customers = customers.join(eval_ids.to_frame(), on=CUSTOMER_ID, how="semi")
     trained = TrainedModel(
         model=result.model,
         customer_specs=vocabularies.customer_specs,
         product_specs=vocabularies.product_specs,
         vocabularies=vocabularies,
         version=f"{context.partition_key}-{context.run_id[:8]}",
+        metrics={
+            "validation_auc": best.val_auc,
+            "validation_logloss": best.val_loss,
+            "best_epoch": best.epoch,
+            "samples_per_s": result.samples_per_s,
+            "device": result.device,
+            "history": [asdict(h) for h in result.history],
+            "loss_curve": result.loss_curve,
+        },
     )
-    k = config.eval_k
-    dlrm_rank = model_ranking(trained, eval_customers, products, top_n=k, exclude=train_pairs)
-    pop_rank = popularity_ranking(train_pairs, eval_ids, top_n=k, exclude=train_pairs)
-    recall_model = recall_at_k(dlrm_rank, held, k)
-    recall_pop = recall_at_k(pop_rank, held, k)
-    trained.metrics = {
-        "validation_auc": best.val_auc,
-        "validation_logloss": best.val_loss,
-        f"recall_at_{k}": recall_model,
-        f"popularity_recall_at_{k}": recall_pop,
-        "best_epoch": best.epoch,
-        "samples_per_s": result.samples_per_s,
-        "device": result.device,
-    }
     yield dg.Output(
         trained,
         metadata={
             "validation_auc": best.val_auc,
             "validation_logloss": best.val_loss,
-            f"recall_at_{k}": recall_model,
-            f"popularity_recall_at_{k}": recall_pop,
-            "evaluated_customers": eval_ids.len(),
             "epochs": markdown_table(
                 [
                     {"epoch": h.epoch, "train_loss": h.train_loss, "val_loss": h.val_loss, "val_auc": h.val_auc, "samples_per_s": round(h.samples_per_s)}

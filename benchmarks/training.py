@@ -1,0 +1,147 @@
+"""Training throughput: feedpipe's loop against a reference loop written the way the source article does it.
+
+Both train the same TwoSidedDLRM at the same batch size on the same encoded demo examples, in one
+process, one after the other (twice each, alternating, median kept: the machine is shared):
+
+- feedpipe: `training.train_dlrm` — tensors built once from the encoded Parquet, each batch a
+  vectorized gather into a KeyedJaggedTensor; Adam on dense layers, RowWiseAdagrad on embeddings.
+- reference: a pandas slice per batch turned into a KeyedJaggedTensor with `from_lengths_sync`,
+  torchrec's `DLRMTrain` wrapper computing the loss, plain SGD.
+
+Usage: benchmarks/training.py [--rows N] [--batch-size B] [--customers C] [--products P]
+Prints one JSON line last: samples_per_s, reference_samples_per_s, speedup, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torchrec import KeyedJaggedTensor  # noqa: E402
+from torchrec.datasets.utils import Batch  # noqa: E402
+from torchrec.models.dlrm import DLRMTrain  # noqa: E402
+
+from feedpipe import sources  # noqa: E402
+from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, DENSE, MULTI_CATEGORICAL, PRODUCT_ID, PRODUCTS  # noqa: E402
+from feedpipe.demo_data import generate_demo_data  # noqa: E402
+from feedpipe.model import TwoSidedDLRM  # noqa: E402
+from feedpipe.training import TrainConfig, model_shape, split_examples, train_dlrm  # noqa: E402
+from feedpipe.training_examples import LABEL, ExampleConfig, attach_features, build_training_examples  # noqa: E402
+from feedpipe.vocabularies import build_vocabularies, encode_table, feature_key, side_specs  # noqa: E402
+
+
+def demo_examples(customers: int, products: int, rows: int):
+    tmp = Path(tempfile.mkdtemp(prefix="feedpipe_bench_"))
+    feed_date = date.today()
+    generate_demo_data(tmp, customers=customers, products=products, end_date=feed_date - timedelta(days=1))
+    tx, cu, pr = sources.read_transactions(tmp), sources.read_customers(tmp), sources.read_products(tmp)
+    specs = side_specs(CUSTOMERS, cu) + side_specs(PRODUCTS, pr)
+    vocab = build_vocabularies({CUSTOMERS: cu, PRODUCTS: pr}, specs)
+    pairs = build_training_examples(tx, pr.get_column(PRODUCT_ID), feed_date, ExampleConfig())
+    ex = attach_features(
+        pairs,
+        encode_table(cu, CUSTOMER_ID, vocab.customer_specs, vocab),
+        encode_table(pr, PRODUCT_ID, vocab.product_specs, vocab),
+    )
+    ex = ex.sample(fraction=1.0, shuffle=True, seed=0)
+    return ex.filter(pl.col("split") == "train").head(rows), ex.filter(pl.col("split") == "validation").head(20_000), vocab
+
+
+class ArticleStyleModel(nn.Module):
+    """(dense [B, n_c + n_p], one KJT of all keys) -> logits, the call shape DLRMTrain expects."""
+
+    def __init__(self, model: TwoSidedDLRM, n_customer_dense: int, customer_keys: list[str]):
+        super().__init__()
+        self.model, self.n_c, self.n_keys_c = model, n_customer_dense, len(customer_keys)
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        n_keys = len(sparse_features.keys())
+        c_kjt, p_kjt = sparse_features.split([self.n_keys_c, n_keys - self.n_keys_c])
+        return self.model(dense_features[:, : self.n_c], c_kjt, dense_features[:, self.n_c :], p_kjt).unsqueeze(1)
+
+
+def reference_loop(train: pl.DataFrame, vocab, config: TrainConfig) -> float:
+    """samples/s of the article-style loop over all of `train` (one epoch)."""
+    specs = vocab.customer_specs + vocab.product_specs
+    dense_cols = [feature_key(s) for s in specs if s.role == DENSE]
+    sparse = [(feature_key(s), s.role == MULTI_CATEGORICAL) for s in specs if s.role != DENSE]
+    shape = model_shape(vocab.customer_specs, vocab.product_specs, vocab, config)
+    torch.manual_seed(config.seed)
+    model = TwoSidedDLRM(shape)
+    n_c = sum(1 for s in vocab.customer_specs if s.role == DENSE)
+    train_model = DLRMTrain(ArticleStyleModel(model, n_c, [k for k, _ in sparse if k.startswith("customers.")]))
+    optimizer = torch.optim.SGD(train_model.parameters(), lr=0.01)
+    df = train.to_pandas()
+    keys = [k for k, _ in sparse]
+    t0 = time.perf_counter()
+    for start in range(0, len(df), config.batch_size):
+        batch_df = df.iloc[start : start + config.batch_size]
+        lengths, values = [], []
+        for key, multi in sparse:
+            col = batch_df[key]
+            if multi:
+                lengths.append(torch.tensor([len(v) for v in col], dtype=torch.int32))
+                values.append(torch.tensor(np.concatenate(col.to_numpy()), dtype=torch.long))
+            else:
+                lengths.append(torch.ones(len(col), dtype=torch.int32))
+                values.append(torch.tensor(col.to_numpy(), dtype=torch.long))
+        batch = Batch(
+            dense_features=torch.tensor(batch_df[dense_cols].to_numpy(), dtype=torch.float32),
+            sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)),
+            labels=torch.tensor(batch_df[LABEL].to_numpy(), dtype=torch.float32),
+        )
+        loss, _ = train_model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return len(df) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=400_000, help="training rows per measured epoch")
+    p.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
+    p.add_argument("--customers", type=int, default=10_000)
+    p.add_argument("--products", type=int, default=2_000)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+
+    train_df, valid_df, vocab = demo_examples(args.customers, args.products, args.rows)
+    config = TrainConfig(epochs=1, batch_size=args.batch_size)
+    train, valid = split_examples(pl.concat([train_df, valid_df]), vocab.customer_specs, vocab.product_specs)
+    shape = model_shape(vocab.customer_specs, vocab.product_specs, vocab, config)
+    ours, ref = [], []
+    for _ in range(args.repeats):
+        ours.append(train_dlrm(train, valid, shape, config).samples_per_s)
+        ref.append(reference_loop(train_df, vocab, config))
+    result = {
+        "samples_per_s": round(statistics.median(ours)),
+        "reference_samples_per_s": round(statistics.median(ref)),
+        "speedup": round(statistics.median(ours) / statistics.median(ref), 2),
+        "rows": train_df.height,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "parameters": TwoSidedDLRM(shape).parameter_count(),
+        "embedding_dim": config.embedding_dim,
+        "dense_arch_layers": list(config.dense_arch_layers),
+        "over_arch_layers": list(config.over_arch_layers),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

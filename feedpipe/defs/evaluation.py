@@ -1,0 +1,87 @@
+"""model_evaluation: the model's ranking against popularity, LightGBM and (demo data) the oracle,
+with the blocking gate that keeps a model losing to popularity from reaching the feed."""
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from feedpipe.contract import TRUTH_FILE
+from feedpipe.defs.metadata import markdown_table
+from feedpipe.defs.partitions import feed_date_partitions
+from feedpipe.defs.resources import ArtifactsResource, DataResource
+from feedpipe.model_evaluation import ModelEvaluation, evaluate_rankers, validation_scores
+from feedpipe.plots import loss_curves, score_histogram
+from feedpipe.training import TrainedModel
+
+
+class EvaluationConfig(dg.Config):
+    k: int = Field(default=20, description="Ranking cut-off for recall/NDCG/MAP/hit rate (the feed length).")
+    max_customers: int = Field(default=3000, description="Evaluated customers (a deterministic sample above this).")
+    lightgbm: bool = Field(default=True, description="Train and rank with the LightGBM baseline.")
+    min_margin_over_popularity: float = Field(
+        default=0.0, description="Blocking gate: DLRM recall@K must exceed popularity's by at least this much."
+    )
+
+
+@dg.asset(
+    partitions_def=feed_date_partitions,
+    group_name="model",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "beats_popularity",
+            asset="model_evaluation",
+            blocking=True,
+            description="DLRM recall@K beats the popularity ranking by the configured margin; otherwise nothing is published.",
+        )
+    ],
+)
+def model_evaluation(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    data: DataResource,
+    artifacts: ArtifactsResource,
+    dlrm_model: TrainedModel,
+    training_examples: pl.DataFrame,
+    customers: pl.DataFrame,
+    products: pl.DataFrame,
+):
+    """recall, NDCG, MAP, hit rate @K and coverage for every ranker on the held-out days; AUC and log loss."""
+    truth_path = data.directory() / TRUTH_FILE
+    truth = pl.read_parquet(truth_path) if truth_path.exists() else None
+    ev = evaluate_rankers(
+        dlrm_model, training_examples, customers, products,
+        k=config.k, max_customers=config.max_customers, truth=truth, with_lightgbm=config.lightgbm,
+    )
+    # Kept by model version too, so `feedpipe report` finds the evaluation of the model being served.
+    ev.save(artifacts.path("evaluations", ev.model_version))
+    pos, neg = validation_scores(dlrm_model, training_examples)
+    m = dlrm_model.metrics
+    dlrm, pop = ev.ranking["dlrm"], ev.ranking["popularity"]
+    numeric = {f"{name}_recall_at_{ev.k}": r["recall"] for name, r in ev.ranking.items()}
+    numeric.update({f"{name}_ndcg_at_{ev.k}": r["ndcg"] for name, r in ev.ranking.items()})
+    yield dg.Output(
+        ev,
+        metadata={
+            "rankers": markdown_table(ev.table_rows()),
+            "validation_auc": ev.model["auc"],
+            "validation_logloss": ev.model["logloss"],
+            **numeric,
+            "evaluated_customers": ev.customers,
+            "model_version": ev.model_version,
+            "loss_curves": dg.MetadataValue.md(loss_curves(m.get("history", []), m.get("loss_curve", []))),
+            "score_histogram": dg.MetadataValue.md(score_histogram(pos, neg)),
+            "notes": "; ".join(ev.notes),
+        },
+    )
+    margin = dlrm["recall"] - pop["recall"]
+    passed = margin >= config.min_margin_over_popularity
+    yield dg.AssetCheckResult(
+        check_name="beats_popularity",
+        passed=bool(passed),
+        metadata={"dlrm_recall": dlrm["recall"], "popularity_recall": pop["recall"], "margin": margin,
+                  "required_margin": config.min_margin_over_popularity},
+        description=None if passed else (
+            f"DLRM recall@{ev.k} {dlrm['recall']:.4f} does not beat popularity {pop['recall']:.4f} by "
+            f"{config.min_margin_over_popularity}: the feed is not published and yesterday's stays current"
+        ),
+    )

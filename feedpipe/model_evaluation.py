@@ -1,0 +1,129 @@
+"""The nightly model evaluation: the published ranking against popularity, LightGBM and (on demo
+data) the generator's oracle, on the held-out days of the training examples.
+
+The split comes from the examples themselves: training-split positives are the purchases before
+the holdout (and the exclusions), validation-split positives are the products first bought in the
+holdout. So the evaluation can never drift from the split the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
+from feedpipe.evaluation import ranking_metrics
+from feedpipe.ranking import model_ranking, popularity_ranking
+from feedpipe.training import TrainedModel
+from feedpipe.training_examples import LABEL, SPLIT, TRAIN, VALIDATION
+
+RANKERS = ("dlrm", "popularity", "lightgbm", "oracle")
+
+
+@dataclass
+class ModelEvaluation:
+    model_version: str
+    k: int
+    customers: int
+    model: dict  # auc, logloss
+    ranking: dict[str, dict] = field(default_factory=dict)  # ranker -> recall/ndcg/map/hit_rate/coverage
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "evaluation.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ModelEvaluation":
+        return cls(**json.loads((Path(directory) / "evaluation.json").read_text()))
+
+    def table_rows(self) -> list[dict]:
+        return [{"ranker": name, **{m: v for m, v in metrics.items() if m != "customers"}} for name, metrics in self.ranking.items()]
+
+
+def split_pairs(examples: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(purchases before the holdout, products first bought in the holdout) from the examples."""
+    pos = examples.filter(pl.col(LABEL) == 1.0)
+    train = pos.filter(pl.col(SPLIT) == TRAIN).select(CUSTOMER_ID, PRODUCT_ID).unique()
+    held = pos.filter(pl.col(SPLIT) == VALIDATION).select(CUSTOMER_ID, PRODUCT_ID).unique()
+    return train, held
+
+
+def sample_customers(train: pl.DataFrame, held: pl.DataFrame, max_customers: int, seed: int) -> pl.Series:
+    """Customers with history and new holdout purchases; a deterministic sample above max_customers."""
+    ids = held.select(CUSTOMER_ID).unique().join(train.select(CUSTOMER_ID).unique(), on=CUSTOMER_ID, how="semi")
+    ids = ids.sort(CUSTOMER_ID)
+    if ids.height > max_customers:
+        ids = ids.sample(max_customers, seed=seed).sort(CUSTOMER_ID)
+    return ids.get_column(CUSTOMER_ID)
+
+
+def evaluate_rankers(
+    trained: TrainedModel,
+    examples: pl.DataFrame,
+    customers: pl.DataFrame,
+    products: pl.DataFrame,
+    *,
+    k: int = 20,
+    max_customers: int = 3000,
+    truth: pl.DataFrame | None = None,
+    with_lightgbm: bool = True,
+    seed: int = 0,
+) -> ModelEvaluation:
+    train, held = split_pairs(examples)
+    ids = sample_customers(train, held, max_customers, seed)
+    held = held.join(ids.to_frame(), on=CUSTOMER_ID, how="semi")
+    eval_customers = customers.join(ids.to_frame(), on=CUSTOMER_ID, how="semi")
+    n_products = products.height
+    rankings = {
+        "dlrm": model_ranking(trained, eval_customers, products, top_n=k, exclude=train),
+        "popularity": popularity_ranking(train, ids, top_n=k, exclude=train),
+    }
+    notes = []
+    if with_lightgbm:
+        from feedpipe.lightgbm_baseline import lightgbm_ranking, train_lightgbm
+        from feedpipe.vocabularies import encode_table
+
+        voc = trained.vocabularies
+        ranker = train_lightgbm(examples, voc, seed=seed)
+        rankings["lightgbm"] = lightgbm_ranking(
+            ranker,
+            encode_table(eval_customers, CUSTOMER_ID, voc.customer_specs, voc),
+            encode_table(products, PRODUCT_ID, voc.product_specs, voc),
+            top_n=k,
+            exclude=train,
+        )
+        notes.append(f"lightgbm: {ranker.best_iteration} trees (early-stopped on the validation split)")
+    if truth is not None:
+        from feedpipe.lightgbm_baseline import oracle_ranking
+
+        rankings["oracle"] = oracle_ranking(truth, ids, top_n=k, exclude=train)
+    metrics = trained.metrics
+    return ModelEvaluation(
+        model_version=trained.version,
+        k=k,
+        customers=ids.len(),
+        model={"auc": metrics.get("validation_auc"), "logloss": metrics.get("validation_logloss")},
+        ranking={name: ranking_metrics(r, held, k, n_products) for name, r in rankings.items()},
+        notes=notes,
+    )
+
+
+def validation_scores(trained: TrainedModel, examples: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted probabilities on the validation split: (positives, negatives), for the histogram."""
+    import torch
+
+    from feedpipe.training import example_tensors, forward_examples
+
+    valid = examples.filter(pl.col(SPLIT) == VALIDATION)
+    data = example_tensors(valid, trained.customer_specs, trained.product_specs)
+    with torch.no_grad():
+        probs = torch.cat(
+            [torch.sigmoid(forward_examples(trained.model, data, rows)) for rows in torch.arange(data.num_rows).split(16384)]
+        ).numpy()
+    labels = data.labels.numpy() == 1.0
+    return probs[labels], probs[~labels]

@@ -1,0 +1,252 @@
+"""Finding an input table's file and reading its columns as stored: the fatal half of validation.
+
+Everything here either returns the table as stored or raises `InputError`: a missing or ambiguous file, a file that
+cannot be read (truncated Parquet, a header that is not UTF-8), CSV lines with the wrong number of fields (a file cut
+off mid-row, a delimiter other than the comma), a missing required column. Row-level problems are left for the
+quarantine: a CSV cell or Parquet binary value that is not valid UTF-8 does not fail the read; it is marked in
+`RawTable.invalid_utf8` and shown with `\\x` escapes.
+
+Row numbers are the ones a person finds in the file: CSV "line N" counts the header as line 1, Parquet "row N" counts
+data rows from 1 (see `InputError`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextvars
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from feedpipe import contract
+from feedpipe.input_config import InputError
+
+MAX_ROWS_SHOWN = 5
+# Delimiters a CSV export is often written with instead of the comma; named in the "missing column" message.
+_OTHER_DELIMITERS = (";", "\t", "|")
+
+
+@dataclass(frozen=True)
+class StoredTable:
+    """Where one input table's rows are: a CSV or Parquet file, and how messages name it.
+
+    `name` defaults to the path; a table exported from Postgres is a spooled Parquet file named after its source
+    ("postgres table sales.orders"), so messages point at the table rather than at a temporary file.
+    """
+
+    table: str
+    path: Path
+    name: str = ""
+
+    def __str__(self) -> str:
+        return self.name or str(self.path)
+
+    @property
+    def is_csv(self) -> bool:
+        return self.path.suffix == ".csv"
+
+    @property
+    def row_label(self) -> str:
+        return "line" if self.is_csv else "row"
+
+    @property
+    def first_row_number(self) -> int:
+        return 2 if self.is_csv else 1  # a CSV header is line 1
+
+    @classmethod
+    def find(cls, data_dir: str | Path, table: str) -> StoredTable:
+        return cls(table, find_table_file(data_dir, table))
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """The requested columns of a stored table, as stored: CSV columns are text, Parquet columns keep their dtypes
+    (binary columns are decoded to text). `schema` covers every column of the file, with decoded types."""
+
+    stored: StoredTable
+    schema: pl.Schema
+    frame: pl.DataFrame
+    invalid_utf8: dict[str, pl.Series] = field(default_factory=dict)
+    """Column -> Boolean mask of the cells that are not valid UTF-8 (only columns that have any)."""
+
+
+def find_table_file(data_dir: str | Path, table: str) -> Path:
+    """The one `<table>.parquet` or `<table>.csv` in `data_dir`."""
+    if table not in contract.TABLES:
+        raise ValueError(f"unknown table {table!r}; expected one of {contract.TABLES}")
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir}: data directory does not exist")
+    candidates = [data_dir / f"{table}{suffix}" for suffix in contract.FILE_SUFFIXES]
+    found = [p for p in candidates if p.is_file()]
+    if len(found) > 1:
+        raise InputError(f"{data_dir}: both {found[0].name} and {found[1].name} exist; keep exactly one of them")
+    if not found:
+        expected = " or ".join(f"{table}{suffix}" for suffix in contract.FILE_SUFFIXES)
+        near = sorted(p.name for p in data_dir.glob(f"{table}*"))
+        hint = f" (found {', '.join(near)})" if near else ""
+        raise InputError(f"{data_dir}: missing {expected}{hint}")
+    return found[0]
+
+
+def read_schema(stored: StoredTable) -> pl.Schema:
+    """Column names and dtypes without reading the data; every CSV column is text, binary columns count as text."""
+    path = stored.path
+    try:
+        if stored.is_csv:
+            # The header alone, through the csv module: it sees duplicate names (polars renames them) and a BOM.
+            with path.open(newline="", encoding="utf-8-sig") as f:
+                header = next(csv.reader(f), None)
+            if header is None:
+                raise InputError(f"{stored}: empty file; expected a header line")
+            duplicates = sorted({c for c in header if header.count(c) > 1})
+            if duplicates:
+                raise InputError(f"{stored}: duplicate column name(s) in the header: {', '.join(duplicates)}")
+            return pl.Schema({c: pl.Utf8 for c in header})
+        schema = pl.scan_parquet(path).collect_schema()
+        return pl.Schema({c: pl.Utf8 if t == pl.Binary else t for c, t in schema.items()})
+    except (OSError, UnicodeDecodeError, csv.Error, pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
+        raise InputError(f"{stored}: cannot read the file ({_expected_format(stored)}): {exc}") from exc
+
+
+def check_required_columns(stored: StoredTable, schema: pl.Schema) -> None:
+    missing = [c for c in contract.REQUIRED_COLUMNS[stored.table] if c not in schema]
+    if not missing:
+        return
+    hint = ""
+    if stored.is_csv and len(schema) == 1:
+        header = next(iter(schema))
+        used = [d for d in _OTHER_DELIMITERS if d in header]
+        if used:
+            hint = f"; the header is one column {header!r}: the file looks {used[0]!r}-separated, expected commas"
+    raise InputError(
+        f"{stored}: missing required column(s) {', '.join(missing)}; found {', '.join(schema) or 'no columns'}{hint}"
+    )
+
+
+def read_columns(stored: StoredTable, schema: pl.Schema, columns: list[str]) -> RawTable:
+    """The named columns as stored (CSV: all text, empty cells as ""), invalid UTF-8 cells marked, not fatal."""
+    try:
+        if stored.is_csv:
+            table = _read_csv(stored, schema, columns)
+        else:
+            table = pl.scan_parquet(stored.path).select(columns).collect().to_arrow()
+    except (OSError, pa.ArrowException, pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
+        raise InputError(f"{stored}: cannot read the file ({_expected_format(stored)}): {exc}") from exc
+    decoded, invalid = {}, {}
+    for name in table.column_names:
+        values = table.column(name)
+        if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+            decoded[name], bad = decode_utf8(values)
+            if bad is not None:
+                invalid[name] = bad
+        else:
+            decoded[name] = pl.from_arrow(values)
+    frame = pl.DataFrame([decoded[name].alias(name) for name in table.column_names])
+    return RawTable(stored, schema, frame, invalid)
+
+
+def _read_csv(stored: StoredTable, schema: pl.Schema, columns: list[str], use_threads: bool = True) -> pa.Table:
+    # pyarrow rather than polars for CSV: polars pads a row with too few fields with nulls, so a file cut off mid-row
+    # loads silently; pyarrow reports such rows. Cells are read as bytes so that one cell that is not UTF-8 is a
+    # rejected row rather than an unreadable file.
+    invalid: list[pacsv.InvalidRow] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        invalid.append(row)
+        return "skip"
+
+    table = pacsv.read_csv(
+        stored.path,
+        read_options=pacsv.ReadOptions(use_threads=use_threads),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.binary() for c in schema},
+            include_columns=columns,
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    if invalid:
+        if use_threads:  # a threaded read does not know row numbers; only the error path pays for a serial reread
+            return _read_csv(stored, schema, columns, use_threads=False)
+        shown = "\n".join(
+            f"  line {r.number}: {r.actual_columns} fields: {r.text!r}" for r in invalid[:MAX_ROWS_SHOWN]
+        )
+        more = f"\n  ... and {len(invalid) - MAX_ROWS_SHOWN} more" if len(invalid) > MAX_ROWS_SHOWN else ""
+        raise InputError(
+            f"{stored}: {len(invalid)} line(s) do not have the header's {len(schema)} fields "
+            f"(a truncated file, a value with an unquoted comma, or a delimiter other than the comma):\n{shown}{more}"
+        )
+    return table
+
+
+def _expected_format(stored: StoredTable) -> str:
+    return "expected CSV in UTF-8 with a header line" if stored.is_csv else "expected a Parquet file"
+
+
+# --- UTF-8 -----------------------------------------------------------------------------------------------------------
+
+_ERROR_POSITIONS: contextvars.ContextVar[list[int]] = contextvars.ContextVar("feedpipe_utf8_error_positions")
+
+
+def _record_utf8_error(exc: UnicodeError) -> tuple[str, int]:
+    _ERROR_POSITIONS.get().append(exc.start)
+    return "", exc.end
+
+
+codecs.register_error("feedpipe.record_utf8_error", _record_utf8_error)
+
+
+def decode_utf8(values: pa.Array | pa.ChunkedArray) -> tuple[pl.Series, pl.Series | None]:
+    """Binary values -> (text, mask of the values that are not UTF-8 or None when all are).
+
+    Invalid values come back as text with `\\x` escapes (`b"caf\\xe9"` -> `"caf\\\\xe9"`), for messages and the
+    rejected file.
+    """
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    try:
+        return pl.from_arrow(values.cast(pa.string())), None  # arrow validates the whole column in C++
+    except pa.ArrowInvalid:
+        pass
+    bad = _invalid_utf8_mask(values)
+    good = pc.if_else(pa.array(bad), pa.scalar(None, values.type), values).cast(pa.string())
+    # A Python loop, but over the invalid values only.
+    shown = [v.decode("utf-8", "backslashreplace") for v in values.filter(pa.array(bad)).to_pylist()]
+    text = pl.from_arrow(good).scatter(np.flatnonzero(bad), shown)
+    return text, pl.Series(bad)
+
+
+def _invalid_utf8_mask(values: pa.Array) -> np.ndarray:
+    """Which values are not valid UTF-8, in one decode of the whole column.
+
+    The values' bytes are decoded as one buffer with a NUL after each value, so no multi-byte sequence can straddle
+    two values; an error handler records where each invalid sequence starts, and the offsets map it to its row.
+    """
+    values = values.cast(pa.large_binary())
+    n = len(values)
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset : values.offset + n + 1]
+    data_buffer = values.buffers()[2]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    data = data[offsets[0] : offsets[-1]]
+    relative = offsets - offsets[0]
+    separated = np.insert(data, relative[1:], 0)
+    positions: list[int] = []
+    token = _ERROR_POSITIONS.set(positions)
+    try:
+        separated.tobytes().decode("utf-8", errors="feedpipe.record_utf8_error")
+    finally:
+        _ERROR_POSITIONS.reset(token)
+    bad = np.zeros(n, dtype=bool)
+    if positions:
+        separator_at = relative[1:] + np.arange(n)  # where the NUL after value i landed
+        bad[np.searchsorted(separator_at, np.asarray(positions), side="right")] = True
+    valid = values.is_valid().to_numpy(zero_copy_only=False)
+    return bad & valid
