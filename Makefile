@@ -8,7 +8,9 @@ install:
 run: install
 	$(BIN)/feedpipe run
 	@echo
-	$(BIN)/feedpipe feed "$$($(BIN)/feedpipe sample-customer)" --limit 10
+	$(BIN)/feedpipe feed --limit 10
+	@echo
+	$(BIN)/feedpipe report
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -107,7 +107,10 @@ def _failure_messages(result) -> list[str]:
             cause = err
             while cause.cause is not None and "dagster" in cause.cls_name.lower():
                 cause = cause.cause
-            out.append(f"{event.step_key}: {cause.message.strip()}")
+            message = cause.message.strip()
+            # SerializableErrorInfo messages start with the exception's qualified class name.
+            message = message.split(": ", 1)[1] if message.startswith(("dagster.", "feedpipe.")) and ": " in message else message
+            out.append(f"{event.step_key}: {message}")
     return out
 
 

@@ -3,8 +3,10 @@
 import dagster as dg
 
 from feedpipe.defs import evaluation, feed, ingest, modeling
+from feedpipe.defs.console_logger import console_logger
 from feedpipe.defs.io_manager import ArtifactIOManager
 from feedpipe.defs.jobs import nightly_feed, nightly_schedule
+from feedpipe.defs.launchers import LauncherResource
 from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DatabaseResource, DataResource
 
 
@@ -16,6 +18,7 @@ def build_resources(artifacts_root: str = "", data_dir: str = "", input_config: 
         "artifacts": artifacts,
         "database": DatabaseResource(),
         "compute": ComputeResource(),
+        "launcher": LauncherResource(artifacts=artifacts),
         "io_manager": ArtifactIOManager(artifacts=artifacts),
     }
 
@@ -26,4 +29,5 @@ defs = dg.Definitions(
     jobs=[nightly_feed],
     schedules=[nightly_schedule],
     resources=build_resources(),
+    loggers={"console": console_logger},  # failures' messages without stack traces on a terminal
 )

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -172,7 +172,10 @@ class PostgresSource:
     """Rows fetched per round trip from a server-side cursor: what bounds the export's memory."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tables", MappingProxyType(dict(self.tables)))
+        # Each table's section knows where it sits in the config, for messages.
+        tables = {t: spec if spec.key != "source.postgres" else replace(spec, key=f"source.postgres.{t}")
+                  for t, spec in self.tables.items()}
+        object.__setattr__(self, "tables", MappingProxyType(tables))
         missing = [t for t in contract.TABLES if t not in self.tables]
         if missing:
             raise InputConfigError(f"key 'source.postgres': missing section(s) for {', '.join(missing)}")

@@ -136,7 +136,15 @@ class TwoSidedDLRM(nn.Module):
         b = dense.shape[0]
         dense_out = arch(dense) if arch is not None else None
         if ebc is not None:
-            pooled = ebc(kjt).values().view(b, len(features), self.shape.embedding_dim)
+            pooled_kt = ebc(kjt)
+            names = [f.name for f in features]
+            if pooled_kt.keys() == names:
+                pooled = pooled_kt.values().view(b, len(features), self.shape.embedding_dim)
+            else:
+                # A sharded EBC (DistributedModelParallel) returns its keys grouped by shard, not in
+                # config order; read them by name, as torchrec's own SparseArch does.
+                by_name = pooled_kt.to_dict()
+                pooled = torch.stack([by_name[n] for n in names], dim=1)
         else:
             pooled = dense.new_zeros((b, 0, self.shape.embedding_dim))
         return SideVectors(dense_out, pooled)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +74,9 @@ def source_url(source: PostgresSource, environ: Mapping[str, str] = os.environ) 
     return url
 
 
-def export_table(url: str, source: PostgresSource, table: str, spool_dir: Path) -> PostgresExport:
-    """Stream `table` from Postgres into `<spool_dir>/<table>.parquet`."""
+def export_table(url: str, source: PostgresSource, table: str, spool_dir: Path,
+                 progress: Callable[[int, int], None] | None = None) -> PostgresExport:
+    """Stream `table` from Postgres into `<spool_dir>/<table>.parquet`; `progress(rows, chunks)` after each chunk."""
     spec = source.tables[table]
     path = Path(spool_dir) / f"{table}.parquet"
     started = time.perf_counter()
@@ -83,7 +84,7 @@ def export_table(url: str, source: PostgresSource, table: str, spool_dir: Path) 
         conn.read_only = True
         try:
             columns = _describe(conn, spec)
-            rows, chunks = _stream(conn, spec, columns, path, source.chunk_rows)
+            rows, chunks = _stream(conn, spec, columns, path, source.chunk_rows, progress)
         except (psycopg.Error, pa.ArrowException, UnicodeDecodeError, OverflowError, ValueError) as exc:
             if isinstance(exc, InputError):
                 raise
@@ -142,7 +143,7 @@ def _describe(conn: psycopg.Connection, spec: PostgresTableSource) -> list[_Colu
 
 
 def _stream(conn: psycopg.Connection, spec: PostgresTableSource, columns: list[_Column], path: Path,
-            chunk_rows: int) -> tuple[int, int]:
+            chunk_rows: int, progress: Callable[[int, int], None] | None) -> tuple[int, int]:
     select = sql.SQL(", ").join(
         sql.SQL("{}{} AS {}").format(
             sql.Identifier(c.source),
@@ -163,4 +164,6 @@ def _stream(conn: psycopg.Connection, spec: PostgresTableSource, columns: list[_
             ))
             rows += len(batch)
             chunks += 1
+            if progress is not None:
+                progress(rows, chunks)
     return rows, chunks

@@ -36,10 +36,8 @@ from feedpipe.feed_schema import (
     column_list,
     create_index_sql,
     create_table_sql,
-    grant_reader_sql,
     init_schema,
     qualified,
-    reader_role_exists,
     view_sql,
 )
 
@@ -223,7 +221,6 @@ def _switch(
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_timeout_ms)}ms"])
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK_KEY])
-                cur.execute(view)
                 cur.execute(
                     sql.SQL("UPDATE {} SET status = 'retired' WHERE status = 'current'").format(
                         qualified(VERSIONS_TABLE)
@@ -235,9 +232,9 @@ def _switch(
                     ),
                     [version],
                 )
-                # CREATE OR REPLACE keeps the view's grants; granting again covers a role created since.
-                if reader_role_exists(cur):
-                    cur.execute(grant_reader_sql())
+                # Last: from here to the commit the view is locked and new readers queue behind it.
+                # CREATE OR REPLACE keeps the view's grants (init_schema granted them at this publish's start).
+                cur.execute(view)
             return
         except psycopg.errors.LockNotAvailable:
             holders = conn.execute(

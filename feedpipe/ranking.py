@@ -6,13 +6,15 @@ evaluation compares like with like and the feed is just the first K ranks.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import polars as pl
 import torch
 
 from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
 from feedpipe.feature_tensors import side_tensors
-from feedpipe.scoring import DEFAULT_PAIRS_PER_BLOCK, Exclusions, score_all_pairs
+from feedpipe.scoring import DEFAULT_PAIRS_PER_TILE, Exclusions, score_all_pairs
 from feedpipe.training import TrainedModel
 from feedpipe.vocabularies import encode_table
 
@@ -67,24 +69,47 @@ def model_ranking(
     *,
     top_n: int,
     exclude: pl.DataFrame | None = None,
+    unavailable: pl.Series | None = None,
     dtype: torch.dtype = torch.float32,
-    pairs_per_block: int = DEFAULT_PAIRS_PER_BLOCK,
+    pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
+    timings: dict[str, float] | None = None,
 ) -> pl.DataFrame:
-    """The model's top-N over the whole product table for every customer in `customers`."""
+    """The model's top-N over the whole product table for every customer in `customers`.
+
+    `exclude`: (customer_id, product_id) pairs never recommended to that customer; `unavailable`:
+    product ids never recommended to anyone. `timings`, when given, receives the seconds spent
+    encoding, building exclusions, scoring and building the frame.
+    """
+    t0 = time.perf_counter()
     enc_c = encode_table(customers, CUSTOMER_ID, trained.customer_specs, trained.vocabularies)
     enc_p = encode_table(products, PRODUCT_ID, trained.product_specs, trained.vocabularies)
     c_ids, p_ids = enc_c.get_column(CUSTOMER_ID), enc_p.get_column(PRODUCT_ID)
     device = next(trained.model.parameters()).device
+    c_side = side_tensors(enc_c, trained.customer_specs).to(device)
+    p_side = side_tensors(enc_p, trained.product_specs).to(device)
+    t1 = time.perf_counter()
+    exclusions = exclusions_for(exclude, c_ids, p_ids)
+    unavailable_rows = None
+    if unavailable is not None and unavailable.len():
+        rows = _row_index(p_ids, PRODUCT_ID).join(unavailable.to_frame(PRODUCT_ID), on=PRODUCT_ID, how="semi")
+        unavailable_rows = torch.from_numpy(rows.get_column(f"{PRODUCT_ID}__row").to_numpy().astype(np.int64))
+    t2 = time.perf_counter()
     top = score_all_pairs(
         trained.model,
-        side_tensors(enc_c, trained.customer_specs).to(device),
-        side_tensors(enc_p, trained.product_specs).to(device),
+        c_side,
+        p_side,
         top_n=top_n,
-        exclusions=exclusions_for(exclude, c_ids, p_ids),
+        exclusions=exclusions,
+        unavailable=unavailable_rows,
         dtype=dtype,
-        pairs_per_block=pairs_per_block,
+        pairs_per_tile=pairs_per_tile,
     )
-    return top_n_frame(c_ids, p_ids, top.product_rows.cpu(), top.scores.cpu())
+    t3 = time.perf_counter()
+    frame = top_n_frame(c_ids, p_ids, top.product_rows.cpu(), top.scores.cpu())
+    if timings is not None:
+        t4 = time.perf_counter()
+        timings.update(encode_s=t1 - t0, exclusions_s=t2 - t1, scoring_s=t3 - t2, frame_s=t4 - t3)
+    return frame
 
 
 def popularity_ranking(

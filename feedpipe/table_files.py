@@ -100,14 +100,16 @@ def read_schema(stored: StoredTable) -> pl.Schema:
     path = stored.path
     try:
         if stored.is_csv:
-            # The header alone, through the csv module: it sees duplicate names (polars renames them) and a BOM.
-            with path.open(newline="", encoding="utf-8-sig") as f:
-                header = next(csv.reader(f), None)
+            # The header alone, through the csv module: it sees duplicate names (polars renames them) and a BOM. Lines
+            # are decoded one at a time, so a data line that is not UTF-8 is left to the row checks.
+            with path.open("rb") as f:
+                lines = (line.decode("utf-8-sig" if i == 0 else "utf-8") for i, line in enumerate(f))
+                header = next(csv.reader(lines), None)
             if header is None:
                 raise InputError(f"{stored}: empty file; expected a header line")
             duplicates = sorted({c for c in header if header.count(c) > 1})
             if duplicates:
-                raise InputError(f"{stored}: duplicate column name(s) in the header: {', '.join(duplicates)}")
+                raise InputError(f"{stored}: duplicate column name(s) in the header: {_quoted(duplicates)}")
             return pl.Schema({c: pl.Utf8 for c in header})
         schema = pl.scan_parquet(path).collect_schema()
         return pl.Schema({c: pl.Utf8 if t == pl.Binary else t for c, t in schema.items()})
@@ -126,8 +128,12 @@ def check_required_columns(stored: StoredTable, schema: pl.Schema) -> None:
         if used:
             hint = f"; the header is one column {header!r}: the file looks {used[0]!r}-separated, expected commas"
     raise InputError(
-        f"{stored}: missing required column(s) {', '.join(missing)}; found {', '.join(schema) or 'no columns'}{hint}"
+        f"{stored}: missing required column(s) {_quoted(missing)}; found {_quoted(schema) or 'no columns'}{hint}"
     )
+
+
+def _quoted(names) -> str:
+    return ", ".join(f"'{n}'" for n in names)
 
 
 def read_columns(stored: StoredTable, schema: pl.Schema, columns: list[str]) -> RawTable:
@@ -148,7 +154,8 @@ def read_columns(stored: StoredTable, schema: pl.Schema, columns: list[str]) -> 
                 invalid[name] = bad
         else:
             decoded[name] = pl.from_arrow(values)
-    frame = pl.DataFrame([decoded[name].alias(name) for name in table.column_names])
+    # A dict keeps an empty column name (a header "a,b,"); a list of Series would rename it "column_0".
+    frame = pl.DataFrame({name: decoded[name] for name in table.column_names})
     return RawTable(stored, schema, frame, invalid)
 
 

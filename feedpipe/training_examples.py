@@ -26,7 +26,7 @@ SPLIT = "split"
 class ExampleConfig:
     window_days: int = 90
     validation_days: int = 7
-    negatives_per_positive: int = 4
+    negatives_per_positive: int = 12
     seed: int = 0
 
 

@@ -8,7 +8,10 @@ dropped afterwards, so tests are isolated even when several runs share a server.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -20,15 +23,21 @@ TEST_DATABASE_URL_ENV = "FEEDPIPE_TEST_DATABASE_URL"
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory) -> str:
+def pg_server_url() -> str:
     url = os.environ.get(TEST_DATABASE_URL_ENV)
     if url:
         yield url
         return
     pgserver = import_pgserver()
-    pgdata = tmp_path_factory.mktemp("feedpipe_pg") / "pgdata"
-    yield embedded_server_url(pgdata, cleanup_mode="delete")
-    pgserver.get_server(pgdata).cleanup()  # the cached handle: stops the server and deletes pgdata
+    # Not under pytest's basetemp: pytest deletes all but the 3 newest basetemps at start, so with several test
+    # sessions running at once on a machine, a running server's data directory could vanish under it.
+    parent = Path(tempfile.mkdtemp(prefix="feedpipe_test_pg_"))
+    pgdata = parent / "pgdata"
+    try:
+        yield embedded_server_url(pgdata, cleanup_mode="delete")
+        pgserver.get_server(pgdata).cleanup()  # the cached handle: stops the server and deletes pgdata
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def _with_database(url: str, dbname: str) -> str:

@@ -90,3 +90,29 @@ def test_checkpoint_round_trip_reproduces_the_logits(data, tmp_path):
     _, before = evaluate_examples(model, valid)
     _, after = evaluate_examples(loaded.model, valid)
     assert math.isclose(before, after, abs_tol=1e-7)
+
+
+def test_training_config_presets_fill_unset_fields_and_reject_unknown_names():
+    import dagster as dg
+
+    from feedpipe.defs.modeling import TrainingConfig
+    from feedpipe.training import ARTICLE_PRESET
+
+    assert TrainingConfig().core() == TrainConfig()
+    article = TrainingConfig(preset="article", epochs=2).core()
+    assert article.over_arch_layers == ARTICLE_PRESET.over_arch_layers == (512, 512, 256, 1)
+    assert article.optimizer == "sgd" and article.epochs == 2
+    with pytest.raises(dg.Failure, match="preset"):
+        TrainingConfig(preset="nope").core()
+
+
+def test_the_article_preset_trains_with_plain_sgd(data):
+    from feedpipe.training import ARTICLE_PRESET, make_optimizers
+
+    _, _, vocab, _ = data
+    from dataclasses import replace
+
+    cfg = replace(ARTICLE_PRESET, epochs=1)
+    model = TwoSidedDLRM(model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, cfg))
+    (opt,) = make_optimizers(model, cfg)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.01

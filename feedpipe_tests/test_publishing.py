@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import numpy as np
 import psycopg
 import pyarrow as pa
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from feedpipe.copy_binary import FeedArrays, encode_copy_rows
 from feedpipe.database import connect
@@ -228,21 +232,98 @@ def test_switch_blocked_by_a_long_reader_fails_cleanly_and_keeps_serving(pg_url)
     assert versions[1]["version"] == first.version
 
 
-def test_reader_role_selects_the_view_but_not_version_tables(pg_url):
+def test_reader_role_selects_the_two_views_and_nothing_else(pg_url):
     result = publish_feed(pg_url, grid_feed(3, 2), feed_date=DAY, model_version="m1")
+    table = sql.Identifier(*result.table_name.split("."))
     with connect(pg_url) as conn:
         with conn.transaction():
             conn.execute("SET LOCAL ROLE feedpipe_reader")
             assert conn.execute("SELECT count(*) FROM feedpipe.current_feed").fetchone() == (6,)
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            with conn.transaction():
+            assert conn.execute("SELECT version, rows FROM feedpipe.current_feed_version").fetchone() == (
+                result.version, 6,
+            )
+        denied = [
+            sql.SQL("SELECT count(*) FROM {}").format(table),
+            sql.SQL("SELECT count(*) FROM feedpipe.feed_versions"),
+            sql.SQL("SELECT count(*) FROM feedpipe.schema_migrations"),
+            sql.SQL("SELECT nextval('feedpipe.feed_version_seq')"),
+            # current_feed is a simple view, so Postgres would route these writes to the version table.
+            sql.SQL("INSERT INTO feedpipe.current_feed (customer_id, product_id, rank, score) VALUES ('x', 'y', 1, 0)"),
+            sql.SQL("UPDATE feedpipe.current_feed SET score = 0"),
+            sql.SQL("DELETE FROM feedpipe.current_feed"),
+            sql.SQL("CREATE TABLE feedpipe.mine (x int)"),
+            sql.SQL("CREATE OR REPLACE VIEW feedpipe.current_feed_version AS SELECT 1 AS version"),
+        ]
+        for statement in denied:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
                 conn.execute("SET LOCAL ROLE feedpipe_reader")
-                conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                    sql.Identifier(*result.table_name.split("."))))
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            with conn.transaction():
-                conn.execute("SET LOCAL ROLE feedpipe_reader")
-                conn.execute("SELECT count(*) FROM feedpipe.feed_versions")
+                conn.execute(statement)
+        # What the role holds, from the catalogue: exactly SELECT on the two views, USAGE on the schema.
+        grants = conn.execute(
+            "SELECT table_name, privilege_type FROM information_schema.role_table_grants "
+            "WHERE grantee = 'feedpipe_reader' AND table_catalog = current_database() ORDER BY 1, 2"
+        ).fetchall()
+        schema_privileges = conn.execute(
+            "SELECT has_schema_privilege('feedpipe_reader', 'feedpipe', 'USAGE'), "
+            "has_schema_privilege('feedpipe_reader', 'feedpipe', 'CREATE')"
+        ).fetchone()
+    assert grants == [("current_feed", "SELECT"), ("current_feed_version", "SELECT")]
+    assert schema_privileges == (True, False)
+
+
+def test_publish_applies_pending_migrations_and_db_init_cli_reports_none_left(pg_url, monkeypatch, capsys):
+    from feedpipe.cli import main
+
+    publish_feed(pg_url, grid_feed(3, 2), feed_date=DAY, model_version="m1")  # on a database never migrated
+    with connect(pg_url) as conn:
+        applied = [i for i, in conn.execute("SELECT id FROM feedpipe.schema_migrations ORDER BY id")]
+    assert applied == [migration_id for migration_id, _ in MIGRATIONS]
+
+    monkeypatch.setenv("FEEDPIPE_DATABASE_URL", pg_url)
+    assert main(["db", "init"]) == 0
+    assert "nothing to apply" in capsys.readouterr().out
+
+
+def _documented_sql(path: Path) -> tuple[list[str], list[str]]:
+    """The ```sql blocks of a doc: (administrator blocks, reader blocks)."""
+    blocks = re.findall(r"```sql\n(.*?)```", path.read_text(), flags=re.DOTALL)
+    admin = [b for b in blocks if b.startswith("-- as an administrator")]
+    return admin, [b for b in blocks if b not in admin]
+
+
+def test_sql_interface_doc_queries_run_as_a_login_user_given_the_reader_role(pg_url):
+    admin_blocks, reader_blocks = _documented_sql(Path(__file__).resolve().parents[1] / "docs" / "sql-interface.md")
+    assert len(admin_blocks) >= 2 and len(reader_blocks) >= 5
+    ids = ["1234567", "2345678", "3456789"]
+    products = [f"P{i:05d}" for i in range(1, 13)]
+    publish_feed(
+        pg_url,
+        FeedArrays(np.repeat(ids, 4).astype(object), np.array(products, dtype=object),
+                   np.tile(np.arange(1, 5), 3), np.linspace(1, 0, 12, dtype=np.float32)),
+        feed_date=DAY, model_version="m1",
+    )
+    app_role = f"shop_app_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide: unique per run
+    with connect(pg_url, autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA shop")
+        admin.execute(
+            "CREATE TABLE shop.products (product_id text PRIMARY KEY, title text, price numeric, in_stock boolean)"
+        )
+        admin.execute(
+            "INSERT INTO shop.products SELECT p, 'title ' || p, 9.99, true FROM unnest(%s::text[]) p", [products]
+        )
+        try:
+            for block in sorted(admin_blocks, key=lambda b: "CREATE ROLE" not in b):  # the role before its grants
+                admin.execute(block.replace("shop_app", app_role))
+            reader_url = make_conninfo(pg_url, user=app_role, password="change-me")
+            with connect(reader_url, autocommit=True) as reader, reader.cursor() as cur:
+                for block in reader_blocks:
+                    cur.execute(block)
+                    while cur.nextset():  # PREPARE; EXECUTE: the rows are the last statement's
+                        pass
+                    assert cur.fetchall(), block
+        finally:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(app_role)))
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(app_role)))
 
 
 def test_second_publish_waits_for_the_lock_then_fails_naming_the_holder(pg_url):

@@ -22,13 +22,14 @@ from feedpipe_tests.test_publishing import grid_feed
 
 DAY = dt.date(2024, 3, 1)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# 400 customers x 10 = 4,000 rows in chunks of 500 (~20 kB each): the pause after the first chunk is mid-COPY.
+# 3,000 customers x 20 = 60,000 rows (~2.4 MB) in 2 chunks: the pause after the first is mid-COPY. The chunk is
+# over psycopg's 1 MiB flush threshold: a smaller one could wait in libpq's buffer and never reach the server.
 PUBLISHER = """
 import datetime as dt, sys
 from feedpipe.publishing import publish_feed
 from feedpipe_tests.test_publishing import grid_feed
-publish_feed(sys.argv[1], grid_feed(400, 10, tag="-killed", seed=9), feed_date=dt.date(2024, 3, 2),
-             model_version="m-killed", chunk_rows=500)
+publish_feed(sys.argv[1], grid_feed(3000, 20, tag="-killed", seed=9), feed_date=dt.date(2024, 3, 2),
+             model_version="m-killed", chunk_rows=40_000)
 """
 
 
@@ -86,21 +87,29 @@ def test_publisher_killed_mid_publish_leaves_served_feed_byte_identical_and_next
     before = served_bytes(pg_url)
 
     child, _ = start_paused_publisher(pg_url, pause_at)
-    with connect(pg_url, autocommit=True) as conn:
-        killed = wait_for(lambda: [v for v in list_versions(conn) if v["status"] == "loading"], "a loading row")[0]
-        if pause_at == "copy":
-            # The server has taken rows of the COPY (uncommitted: the table is invisible to other sessions).
-            wait_for(
-                lambda: conn.execute(
-                    "SELECT tuples_processed FROM pg_stat_progress_copy WHERE datname = current_database()"
-                ).fetchone(),
-                "the COPY to be in progress",
-            )
-            assert not killed["table_exists"]
-        else:
-            assert killed["table_exists"]  # loaded, indexed and committed; only the switch is missing
-    os.kill(child.pid, signal.SIGKILL)
-    assert child.wait(timeout=10) == -signal.SIGKILL
+    try:
+        with connect(pg_url, autocommit=True) as conn:
+            killed = wait_for(
+                lambda: [v for v in list_versions(conn) if v["status"] == "loading"], "a loading row"
+            )[0]
+            if pause_at == "copy":
+                # The server has taken rows of the COPY (uncommitted: the table is invisible to other sessions).
+                wait_for(
+                    lambda: conn.execute(
+                        "SELECT 1 FROM pg_stat_progress_copy "
+                        "WHERE datname = current_database() AND tuples_processed > 0"
+                    ).fetchone(),
+                    "the COPY to be in progress",
+                )
+                assert not killed["table_exists"]
+            else:
+                assert killed["table_exists"]  # loaded, indexed and committed; only the switch is missing
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:  # a failed assertion above must not leave a paused publisher behind
+            child.kill()
+            child.wait()
 
     assert served_bytes(pg_url) == before
     with connect(pg_url) as conn:

@@ -79,7 +79,7 @@ def test_publish_and_its_failures_never_show_the_password(password_url, caplog, 
         with pytest.raises(PublishLockTimeout) as locked:
             publish_feed(password_url, grid_feed(4, 3), feed_date=DAY, model_version="m2", publish_lock_wait_s=0.2)
         errors.append(locked.value)
-    unreachable = urlunsplit(urlsplit(password_url)._replace(netloc=f"u:{quote(PASSWORD, safe='')}@127.0.0.1:{_closed_port()}", query=""))
+    unreachable = _with_user(f"postgresql://127.0.0.1:{_closed_port()}/feeds", "u", PASSWORD)
     with pytest.raises(DatabaseError) as refused:
         publish_feed(unreachable, grid_feed(4, 3), feed_date=DAY, model_version="m2")
     errors.append(refused.value)
@@ -100,7 +100,8 @@ def test_ranked_feed_resource_config_metadata_and_failures_never_show_the_passwo
 
     caplog.set_level(logging.DEBUG)
     scores = pl.DataFrame(
-        {"customer_id": ["c1", "c1", "c2"], "product_id": ["p1", "p2", "p1"], "rank": [1, 2, 1], "score": [0.9, 0.5, 0.7]},
+        {"customer_id": ["c1", "c1", "c2"], "product_id": ["p1", "p2", "p1"], "rank": [1, 2, 1],
+         "score": [0.9, 0.5, 0.7]},
         schema={"customer_id": pl.Utf8, "product_id": pl.Utf8, "rank": pl.Int32, "score": pl.Float32},
     )
     # ranked_feed reads only the model's version; the rest of a TrainedModel is irrelevant here.

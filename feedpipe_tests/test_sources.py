@@ -278,7 +278,7 @@ def test_both_csv_and_parquet_present_is_an_error(tmp_path):
 def test_missing_required_column_names_file_and_column(tmp_path):
     write_csv(tmp_path, TRANSACTIONS, "customer_id,product_id,when\nc,p,2024-01-01\n")
 
-    with pytest.raises(InputError, match=r"transactions\.csv: missing required column\(s\) ts"):
+    with pytest.raises(InputError, match=r"transactions\.csv: missing required column\(s\) 'ts'"):
         read_transactions(tmp_path)
 
 
@@ -430,3 +430,21 @@ def test_list_column_with_a_scalar_role_is_a_config_error(tmp_path):
 
     with pytest.raises(InputConfigError, match=r"key 'products\.roles\.tags'.*holds lists"):
         read_products(tmp_path, load_input_config(path))
+
+
+def test_a_header_with_an_unnamed_column_still_loads(tmp_path):
+    # A trailing comma in the header ("a,b,") gives a column named ""; found by the property test.
+    write_csv(tmp_path, CUSTOMERS, "customer_id,age,\nc1,30,\nc2,41,\n")
+
+    customers = read_customers(tmp_path)
+
+    assert customers.columns == [CUSTOMER_ID, "age", ""]
+    assert customers.get_column(CUSTOMER_ID).to_list() == ["c1", "c2"]
+
+
+def test_a_data_line_that_is_not_utf8_does_not_make_the_header_unreadable(tmp_path):
+    path = tmp_path / "products.csv"
+    path.write_bytes(b"product_id,brand\np1,acme\np2,caf\xe9\n")
+
+    with pytest.raises(InputError, match=r"(?s)column 'brand': 1 row\(s\) are not valid UTF-8.*line 3: 'caf\\\\xe9'"):
+        read_products(tmp_path)

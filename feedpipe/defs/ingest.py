@@ -80,8 +80,8 @@ class AttributeTableConfig(RejectionPolicyConfig):
 def customers(context: dg.AssetExecutionContext, config: AttributeTableConfig, data: DataResource,
               artifacts: ArtifactsResource):
     """Customer ids (as text) and attributes typed by role; rejected rows set aside with their reason."""
-    load = _load(context, CUSTOMERS, data, artifacts, config.policy(),
-                 lambda stored: load_customers(stored, data.config(), config.policy()))
+    policy = config.policy()
+    load = _load(context, CUSTOMERS, data, artifacts, policy, lambda stored: load_customers(stored, data.config(), policy))
     yield _output(load, context, artifacts, features=_features(CUSTOMERS, load.accepted, data))
     yield _drift_check(context, CUSTOMERS, load.accepted, data, artifacts, config.max_oov_share)
 
@@ -96,8 +96,8 @@ def customers(context: dg.AssetExecutionContext, config: AttributeTableConfig, d
 def products(context: dg.AssetExecutionContext, config: AttributeTableConfig, data: DataResource,
              artifacts: ArtifactsResource):
     """Product ids (as text) and attributes typed by role: the catalogue every customer is scored against."""
-    load = _load(context, PRODUCTS, data, artifacts, config.policy(),
-                 lambda stored: load_products(stored, data.config(), config.policy()))
+    policy = config.policy()
+    load = _load(context, PRODUCTS, data, artifacts, policy, lambda stored: load_products(stored, data.config(), policy))
     yield _output(load, context, artifacts, features=_features(PRODUCTS, load.accepted, data))
     yield _drift_check(context, PRODUCTS, load.accepted, data, artifacts, config.max_oov_share)
 

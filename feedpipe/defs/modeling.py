@@ -1,7 +1,8 @@
 """Model assets: vocabularies -> training_examples -> dlrm_model, with the blocking quality check."""
 
 
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
+from typing import Optional
 
 import dagster as dg
 from pydantic import Field
@@ -10,10 +11,11 @@ import polars as pl
 from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS
 from feedpipe.defs.ingest import feed_date_of
 from feedpipe.defs.io_manager import latest_partition_before
+from feedpipe.defs.launchers import GPU_STEP_TAGS, LauncherResource
 from feedpipe.defs.metadata import frame_metadata, markdown_table
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DataResource
-from feedpipe.training import TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
+from feedpipe.training import ARTICLE_PRESET, TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
 from feedpipe.training_examples import SPLIT, ExampleConfig, attach_features, build_training_examples
 from feedpipe.vocabularies import Vocabularies, build_vocabularies, encode_table, side_specs
 
@@ -25,7 +27,7 @@ class VocabularyConfig(dg.Config):
 class ExamplesConfig(dg.Config):
     window_days: int = 90
     validation_days: int = 7
-    negatives_per_positive: int = 4
+    negatives_per_positive: int = 12
     seed: int = 0
 
     def core(self) -> ExampleConfig:
@@ -33,27 +35,35 @@ class ExamplesConfig(dg.Config):
 
 
 class TrainingConfig(dg.Config):
-    embedding_dim: int = 16
-    dense_arch_layers: list[int] = [64, 16]
-    over_arch_layers: list[int] = [128, 64, 1]
-    batch_size: int = 2048
-    epochs: int = 6
-    learning_rate: float = 3e-3
-    patience: int = 1
-    seed: int = 0
+    """Training hyperparameters. Unset fields take the preset's value: `default` (chosen by
+    measurement on the demo data, see feedpipe.training.TrainConfig) or `article` (the source
+    article's DLRM: embedding dim 10, dense arch 512-256-10, over arch 512-512-256-1, SGD lr 0.01)."""
+
+    preset: str = Field(default="default", description="default | article")
+    embedding_dim: Optional[int] = None
+    dense_arch_layers: Optional[list[int]] = Field(default=None, description="Must end in embedding_dim.")
+    over_arch_layers: Optional[list[int]] = Field(default=None, description="Must end in 1.")
+    batch_size: Optional[int] = None
+    epochs: Optional[int] = None
+    optimizer: Optional[str] = Field(default=None, description="adam (Adam dense + RowWiseAdagrad embeddings) | sgd")
+    learning_rate: Optional[float] = None
+    embedding_learning_rate: Optional[float] = None
+    embedding_weight_decay: Optional[float] = None
+    dense_weight_decay: Optional[float] = None
+    patience: Optional[int] = Field(default=None, description="Epochs without validation improvement before stopping.")
+    seed: Optional[int] = None
     min_validation_auc: float = Field(default=0.6, description="Blocking check: below this the feed is not published.")
 
     def core(self) -> TrainConfig:
-        return TrainConfig(
-            embedding_dim=self.embedding_dim,
-            dense_arch_layers=tuple(self.dense_arch_layers),
-            over_arch_layers=tuple(self.over_arch_layers),
-            batch_size=self.batch_size,
-            epochs=self.epochs,
-            learning_rate=self.learning_rate,
-            patience=self.patience,
-            seed=self.seed,
-        )
+        presets = {"default": TrainConfig(), "article": ARTICLE_PRESET}
+        if self.preset not in presets:
+            raise dg.Failure(f"training preset must be one of {sorted(presets)}, got {self.preset!r}")
+        overrides = {
+            f.name: tuple(v) if isinstance(v, list) else v
+            for f in fields(TrainConfig)
+            if (v := getattr(self, f.name, None)) is not None
+        }
+        return replace(presets[self.preset], **overrides)
 
 
 @dg.asset(partitions_def=feed_date_partitions, group_name="model")
@@ -124,6 +134,7 @@ def training_examples(
     partitions_def=feed_date_partitions,
     group_name="model",
     kinds={"pytorch"},
+    op_tags=GPU_STEP_TAGS,
     check_specs=[
         dg.AssetCheckSpec(
             "validation_auc_floor",
@@ -137,6 +148,7 @@ def dlrm_model(
     context: dg.AssetExecutionContext,
     config: TrainingConfig,
     compute: ComputeResource,
+    launcher: LauncherResource,
     training_examples: pl.DataFrame,
     vocabularies: Vocabularies,
 ):
@@ -147,9 +159,12 @@ def dlrm_model(
     """
     device = compute.torch_device()
     train_cfg = config.core()
-    train, valid = split_examples(training_examples, vocabularies.customer_specs, vocabularies.product_specs)
-    shape = model_shape(vocabularies.customer_specs, vocabularies.product_specs, vocabularies, train_cfg)
-    result = train_dlrm(train, valid, shape, train_cfg, device, log=context.log.info)
+    if launcher.in_process:
+        train, valid = split_examples(training_examples, vocabularies.customer_specs, vocabularies.product_specs)
+        shape = model_shape(vocabularies.customer_specs, vocabularies.product_specs, vocabularies, train_cfg)
+        result = train_dlrm(train, valid, shape, train_cfg, device, log=context.log.info)
+    else:  # torchrun or a pod, through Dagster Pipes (feedpipe/defs/launchers.py)
+        result = launcher.train(context, training_examples, vocabularies, train_cfg, compute.device)
     best = result.best
 
     trained = TrainedModel(
@@ -164,6 +179,7 @@ def dlrm_model(
             "best_epoch": best.epoch,
             "samples_per_s": result.samples_per_s,
             "device": result.device,
+            "ranks": result.ranks,
             "history": [asdict(h) for h in result.history],
             "loss_curve": result.loss_curve,
         },
@@ -184,6 +200,7 @@ def dlrm_model(
             "samples_per_s": round(result.samples_per_s),
             "train_seconds": round(result.seconds, 1),
             "device": result.device,
+            "ranks": result.ranks,
             "model_version": trained.version,
         },
     )

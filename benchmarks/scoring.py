@@ -1,0 +1,342 @@
+"""Benchmark of the exact all-pairs scorer (feedpipe.scoring) against its physical limit and the naive way.
+
+    python benchmarks/scoring.py [--dtype fp32|bf16] [--customers N] [--products M] [--memory-sweep 10000,100000]
+
+Builds a randomly initialised TwoSidedDLRM with the project's default sizes (TrainConfig) and the demo's
+features (customer id + 2 dense + 2 categorical; product id + 1 dense + 2 categorical + multi-valued
+tags, 1-4 per product) and random encoded tables of the requested sizes, then measures, interleaved
+so a busy neighbour on a shared machine slows all of them alike:
+
+- scorer: `score_all_pairs` over every pair (top 100, 20 excluded products per customer), wall clock,
+  product-side preparation included;
+- roofline: the bare over-arch matrix-product chain of the same shapes, tiles, dtype and worker
+  threads ([Pc, Fp*D] x [Fp*D, B*H], then [Pc*B, H] x [H, 64], then x [64, 1]); no bias, ReLU, top-N
+  or customer work. Each layer runs on oneDNN and on torch.mm (MKL), and the faster is the limit;
+- naive: the model's forward on pair batches built as KeyedJaggedTensors (the training path), then top-N,
+  on a sample of customers.
+
+Prints progress to stderr and, as its last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from feedpipe.feature_tensors import SideTensors  # noqa: E402
+from feedpipe.model import ModelShape, SparseFeature, TwoSidedDLRM  # noqa: E402
+from feedpipe.scoring import (  # noqa: E402
+    DEFAULT_PAIRS_PER_TILE,
+    DEFAULT_PAIRS_PER_UNIT,
+    Exclusions,
+    _units,
+    default_workers,
+    forward_pairs,
+    linear,
+    pair_logits,
+    plan_scoring,
+    run_units,
+    score_all_pairs,
+    tile_shape,
+)
+from feedpipe.training import TrainConfig  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Row std of the demo model's embedding tables after training is 0.15-0.28. TorchRec's default init
+# (uniform +-1/sqrt(rows), 0.01 for 10k ids) gives logits that barely differ (std 0.005 per customer),
+# which no ranking of a trained model looks like and which makes bf16's fidelity meaningless.
+TRAINED_EMBEDDING_STD = 0.2
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+                isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+                return f"{name} ({os.cpu_count()} cores; {', '.join(isa)})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def random_side(n: int, features: tuple[SparseFeature, ...], n_dense: int, g: torch.Generator) -> SideTensors:
+    sparse = {}
+    for f in features:
+        lengths = torch.randint(1, 5, (n,), generator=g) if f.multi_valued else torch.ones(n, dtype=torch.long)
+        offsets = torch.zeros(n + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        sparse[f.name] = (torch.randint(0, f.num_embeddings, (int(offsets[-1]),), generator=g), offsets)
+    return SideTensors(torch.randn(n, n_dense, generator=g), [f.name for f in features], sparse)
+
+
+def demo_like(customers: int, products: int, init: str, seed: int = 0):
+    """A random model of the project's default sizes over demo-like features, and random tables for it."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    cfg = TrainConfig()
+    cs = (SparseFeature("customers.customer_id", customers + 3), SparseFeature("customers.region", 11),
+          SparseFeature("customers.segment", 7))
+    ps = (SparseFeature("products.product_id", products + 3), SparseFeature("products.category", 23),
+          SparseFeature("products.brand", 102), SparseFeature("products.tags", 33, multi_valued=True))
+    shape = ModelShape(cs, ps, customer_dense_in=2, product_dense_in=1, embedding_dim=cfg.embedding_dim,
+                       dense_arch_layers=cfg.dense_arch_layers, over_arch_layers=cfg.over_arch_layers)
+    model = TwoSidedDLRM(shape).eval()
+    if init == "trained-scale":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "embedding_bags" in name:
+                    p.normal_(0.0, TRAINED_EMBEDDING_STD, generator=g)
+    return model, random_side(customers, cs, 2, g), random_side(products, ps, 1, g)
+
+
+def random_exclusions(n_customers: int, n_products: int, per_customer: int, g: torch.Generator) -> Exclusions:
+    per_customer = min(per_customer, n_products)
+    c = torch.arange(n_customers).repeat_interleave(per_customer)
+    p = torch.randint(0, n_products, (c.numel(),), generator=g)
+    return Exclusions.from_pairs(c.numpy(), p.numpy(), n_customers)
+
+
+# -- the three ways of scoring --------------------------------------------------------------------
+
+
+def roofline_run(model, customers, products, dtype, n_customers, pairs_per_tile, workers, kernel):
+    """The bare first-layer-as-one-GEMM chain over n_customers x products, tiled and threaded like the scorer."""
+    h = model.shape.over_arch_layers[0]
+    k = model.num_product_vectors * model.shape.embedding_dim
+    n_p = products.num_rows
+    b_tile, p_tile = tile_shape(n_p, pairs_per_tile)
+    g = torch.Generator().manual_seed(1)
+    e = torch.randn(n_p, k, generator=g).to(dtype)
+    u = torch.randn(b_tile * h, k, generator=g).to(dtype)
+    layers = [layer for layer in model.over_arch.modules() if isinstance(layer, torch.nn.Linear)][1:]
+    ws = [layer.weight.detach().to(dtype).contiguous() for layer in layers]
+    onednn = kernel == "onednn"
+
+    def mm(x, w):
+        return linear(x, w, None, relu=False, onednn=True) if onednn else torch.mm(x, w.T)
+
+    def work(start, stop):
+        for s0 in range(start, stop, b_tile):
+            nb = min(stop, s0 + b_tile) - s0
+            for p0 in range(0, n_p, p_tile):
+                p1 = min(n_p, p0 + p_tile)
+                x = mm(e[p0:p1], u[: nb * h]).view((p1 - p0) * nb, h)
+                for w in ws[:-1]:
+                    x = mm(x, w)
+                torch.mv(x, ws[-1][0])
+
+    run_units(_units(n_customers, n_p, pairs_per_tile, DEFAULT_PAIRS_PER_UNIT), work, workers)
+
+
+def naive_run(model, customers, products, rows, top_n, batch_pairs=16384):
+    """The model's own forward on KJT pair batches (as in training), then top-N per customer."""
+    n_p = products.num_rows
+    per_batch = max(1, batch_pairs // n_p)
+    with torch.inference_mode():
+        for s in range(0, rows.numel(), per_batch):
+            r = rows[s : s + per_batch]
+            c_rows = r.repeat_interleave(n_p)
+            p_rows = torch.arange(n_p).repeat(r.numel())
+            logits = forward_pairs(model, customers, products, c_rows, p_rows).view(r.numel(), n_p)
+            torch.topk(logits, min(top_n, n_p), dim=1)
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn(). CPU time does not count the time other processes
+    held the cores, so on a shared machine its ratios are the steadier ones."""
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+# -- modes ----------------------------------------------------------------------------------------
+
+
+def rss_probe(args) -> dict:
+    """One scoring run in this process: peak RSS, and what it held before scoring and in its result."""
+    model, customers, products = demo_like(args.customers, args.products, args.init)
+    ex = random_exclusions(args.customers, args.products, args.exclude, torch.Generator().manual_seed(2))
+    before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    top = score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=DTYPES[args.dtype])
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = top.product_rows.nbytes + top.scores.nbytes
+    mb = 1 << 20
+    return {
+        "customers": args.customers,
+        "products": args.products,
+        "peak_rss_mb": round(peak / mb, 1),
+        "rss_before_scoring_mb": round(before / mb, 1),
+        "peak_rss_before_scoring_mb": round(peak_before / mb, 1),
+        "result_mb": round(result / mb, 1),
+        "scoring_working_set_mb": round((peak - max(before, 0) - result) / mb, 1),
+        "pairs_per_s": round(args.customers * args.products / seconds),
+    }
+
+
+def memory_sweep(args) -> list[dict]:
+    out = []
+    for n in [int(x) for x in args.memory_sweep.split(",")]:
+        cmd = [sys.executable, __file__, "--rss-probe", "--customers", str(n), "--products", str(args.products),
+               "--dtype", args.dtype, "--top-n", str(args.top_n), "--exclude", str(args.exclude), "--init", args.init]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        log(f"memory: {out[-1]}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--customers", type=int, default=10_000)
+    ap.add_argument("--products", type=int, default=2_000)
+    ap.add_argument("--top-n", type=int, default=100, help="as pair_scores keeps (ScoringConfig.top_n)")
+    ap.add_argument("--exclude", type=int, default=20, help="random excluded products per customer")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; figures are medians")
+    ap.add_argument("--pairs-per-tile", type=int, default=DEFAULT_PAIRS_PER_TILE)
+    ap.add_argument("--workers", type=int, default=None, help="default: torch.get_num_threads()")
+    ap.add_argument("--naive-customers", type=int, default=32, help="customers scored the naive way per round")
+    ap.add_argument("--check-customers", type=int, default=1000, help="customers for max_abs_diff and overlap")
+    ap.add_argument("--init", choices=["trained-scale", "torchrec"], default="trained-scale",
+                    help="embedding init: N(0, 0.2) like the trained demo model, or TorchRec's default")
+    ap.add_argument("--memory-sweep", default="", help="comma-separated customer counts: peak RSS per count, "
+                    "each in a fresh subprocess")
+    ap.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.rss_probe:
+        print(json.dumps(rss_probe(args)))
+        return
+
+    dtype = DTYPES[args.dtype]
+    model, customers, products = demo_like(args.customers, args.products, args.init)
+    ex = random_exclusions(args.customers, args.products, args.exclude, torch.Generator().manual_seed(2))
+    workers = args.workers or default_workers(torch.device("cpu"))
+    n_pairs = args.customers * args.products
+    naive_rows = torch.arange(min(args.naive_customers, args.customers))
+    log(f"{args.customers} x {args.products} = {n_pairs:,} pairs, {args.dtype}, {workers} workers, "
+        f"tile {tile_shape(args.products, args.pairs_per_tile)} (customers, products)")
+
+    def scorer():
+        score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=dtype,
+                        pairs_per_tile=args.pairs_per_tile, workers=workers)
+
+    def roofline(kernel):
+        return lambda: roofline_run(model, customers, products, dtype, args.customers, args.pairs_per_tile,
+                                    workers, kernel)
+
+    # Warm-up: oneDNN builds its kernels on first use of each shape.
+    scorer()
+    roofline("onednn")()
+    roofline("mkl")()
+    naive_run(model, customers, products, naive_rows[:2], args.top_n)
+
+    rounds = []
+    for r in range(args.repeats):
+        t_s, c_s = timed(scorer)
+        t_d, c_d = timed(roofline("onednn"))
+        t_m, c_m = timed(roofline("mkl"))
+        t_n, c_n = timed(lambda: naive_run(model, customers, products, naive_rows, args.top_n))
+        t_s2, c_s2 = timed(scorer)  # bracket the others, so a load change mid-round shows up in both
+        naive_pairs = naive_rows.numel() * args.products
+        row = {
+            "scorer": n_pairs / ((t_s + t_s2) / 2),
+            "roofline_onednn": n_pairs / t_d,
+            "roofline_mkl": n_pairs / t_m,
+            "naive": naive_pairs / t_n,
+            "load": os.getloadavg()[0],
+        }
+        row["roofline_fraction"] = row["scorer"] / max(row["roofline_onednn"], row["roofline_mkl"])
+        row["speedup_vs_naive"] = row["scorer"] / row["naive"]
+        row["roofline_fraction_cpu"] = min(c_d, c_m) / ((c_s + c_s2) / 2)
+        row["speedup_vs_naive_cpu"] = (c_n / naive_pairs) / ((c_s + c_s2) / 2 / n_pairs)
+        rounds.append(row)
+        log(f"round {r}: " + ", ".join(f"{k} {v:,.3g}" for k, v in row.items()))
+
+    def med(key):
+        return statistics.median(r[key] for r in rounds)
+
+    # Exactness: every pair of a sample of customers through the scorer's path vs the model's forward.
+    check_rows = torch.arange(min(args.check_customers, args.customers))
+    diff_rows = check_rows[:32]
+    with torch.inference_mode():
+        ref = forward_pairs(model, customers, products, diff_rows.repeat_interleave(args.products),
+                            torch.arange(args.products).repeat(diff_rows.numel())).view(diff_rows.numel(), -1)
+        got = pair_logits(model, customers, products, diff_rows, dtype=dtype)
+        max_abs_diff = float((got - ref).abs().max())
+        fp32_all = pair_logits(model, customers, products, check_rows, dtype=torch.float32)
+        logit_std = float(fp32_all.std(dim=1).mean())
+        overlap = None
+        if dtype != torch.float32:
+            k = min(20, args.products)
+            a = torch.topk(fp32_all, k, dim=1).indices
+            b = torch.topk(pair_logits(model, customers, products, check_rows, dtype=dtype), k, dim=1).indices
+            hits = (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)
+            overlap = float(hits.float().mean() / k)
+
+    plan = plan_scoring(model, products, dtype=dtype)
+    result = {
+        "pairs_per_s": round(med("scorer")),
+        "roofline_fraction": round(med("roofline_fraction"), 3),
+        "roofline_fraction_cpu_time": round(med("roofline_fraction_cpu"), 3),
+        "roofline_pairs_per_s": round(max(med("roofline_onednn"), med("roofline_mkl"))),
+        "roofline_onednn_pairs_per_s": round(med("roofline_onednn")),
+        "roofline_mkl_pairs_per_s": round(med("roofline_mkl")),
+        "speedup_vs_naive": round(med("speedup_vs_naive"), 1),
+        "speedup_vs_naive_cpu_time": round(med("speedup_vs_naive_cpu"), 1),
+        "naive_pairs_per_s": round(med("naive")),
+        "max_abs_diff": max_abs_diff,
+        "top20_overlap_vs_fp32": None if overlap is None else round(overlap, 4),
+        "dtype": args.dtype,
+        "device": "cpu",
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "workers": workers,
+        "customers": args.customers,
+        "products": args.products,
+        "pairs": n_pairs,
+        "seconds": round(n_pairs / med("scorer"), 3),
+        "top_n": args.top_n,
+        "excluded_per_customer": args.exclude,
+        "pairs_per_tile": args.pairs_per_tile,
+        "tile_customers_products": list(tile_shape(args.products, args.pairs_per_tile)),
+        "embedding_dim": model.shape.embedding_dim,
+        "dense_arch_layers": list(model.shape.dense_arch_layers),
+        "over_arch_layers": list(model.shape.over_arch_layers),
+        "over_arch_in": model.over_in_features,
+        "first_layer_k": plan.k_dim,
+        "roofline_first_layer_k": model.num_product_vectors * model.shape.embedding_dim,
+        "init": args.init,
+        "logit_std_per_customer": round(logit_std, 4),
+        "repeats": args.repeats,
+        "load_avg_1m": [round(r["load"], 2) for r in rounds],
+        "rounds_pairs_per_s": [round(r["scorer"]) for r in rounds],
+        "rounds_roofline_fraction": [round(r["roofline_fraction"], 3) for r in rounds],
+    }
+    if args.memory_sweep:
+        result["memory"] = memory_sweep(args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Where training and scoring run: in the asset's process, under torchrun beside it, or in a pod.
+
+`LauncherResource.mode` is the switch (empty: $FEEDPIPE_LAUNCHER, else in_process):
+
+- in_process: the asset calls `train_dlrm` / `model_ranking` itself (the default; tests, `make run`).
+- torchrun: the asset starts `torchrun --nproc_per_node N -m feedpipe.distributed_jobs ...` on its
+  own machine through Dagster Pipes' `PipesSubprocessClient`.
+- kubernetes: the same command in a pod of its own through `PipesK8sClient` (needs
+  `pip install dagster-k8s==0.29.27`; imported only in this mode), with GPUs, CPU and memory from
+  this resource, and the artifacts volume mounted where the asset's process has it.
+
+Either way rank 0 reports through Pipes: its log lines land in the run's event log and its final
+summary (loss, AUC, samples/s, ranks, ...) becomes the asset's metadata. Inputs and outputs travel
+as files under <artifacts>/scratch/<run id>/ (a shared volume on Kubernetes); the scratch folder
+is removed once the asset has its result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from feedpipe.defs.resources import ArtifactsResource
+from feedpipe.training import EpochStats, TrainConfig, TrainedModel, TrainResult
+from feedpipe.vocabularies import Vocabularies
+
+IN_PROCESS, TORCHRUN, KUBERNETES = "in_process", "torchrun", "kubernetes"
+LAUNCH_MODES = (IN_PROCESS, TORCHRUN, KUBERNETES)
+LAUNCHER_ENV = "FEEDPIPE_LAUNCHER"
+ENTRY_MODULE = "feedpipe.distributed_jobs"
+
+
+def k8s_step_tags(gpus: int, image: str = "") -> dict:
+    """`dagster-k8s/config` op tags asking for `gpus` GPUs (none: no tags) for a step's own pod,
+    run from `image` when given (the CUDA image; the code location itself runs the CPU one).
+
+    They take effect under the k8s_job_executor (feedpipe.definitions_k8s), where each step is a
+    pod: the steps that train and score in-process or under local torchrun then land on a GPU
+    node. In `kubernetes` mode the GPUs go to the Pipes pod instead (LauncherResource.gpus_per_pod)
+    and the step itself needs none: set FEEDPIPE_K8S_STEP_GPUS=0 on the code location.
+    """
+    if gpus <= 0:
+        return {}
+    container: dict = {"resources": {"requests": {"nvidia.com/gpu": str(gpus)}, "limits": {"nvidia.com/gpu": str(gpus)}}}
+    if image:
+        container["image"] = image
+    return {
+        "dagster-k8s/config": {
+            "container_config": container,
+            "pod_spec_config": {
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            },
+        }
+    }
+
+
+# Read when the code location loads the definitions (the op tags are part of the definition).
+GPU_STEP_TAGS = k8s_step_tags(
+    int(os.environ.get("FEEDPIPE_K8S_STEP_GPUS", "1")), os.environ.get("FEEDPIPE_K8S_GPU_IMAGE", "")
+)
+
+
+class LauncherResource(dg.ConfigurableResource):
+    """Where dlrm_model trains and pair_scores scores (see module docstring)."""
+
+    artifacts: ArtifactsResource
+    mode: str = Field(default="", description=f"One of {LAUNCH_MODES}; empty: ${LAUNCHER_ENV}, else in_process.")
+    nproc_per_node: int = Field(default=2, description="torchrun ranks: per machine (torchrun) or per pod (kubernetes). One per GPU on GPU nodes.")
+    threads_per_rank: int = Field(default=0, description="OMP_NUM_THREADS per rank; 0: CPU cores / ranks.")
+    image: str = Field(default="", description="kubernetes: image with feedpipe installed (deploy/Dockerfile.cpu or .cuda).")
+    namespace: str = Field(default="", description="kubernetes: namespace of the pod; empty: the current one.")
+    gpus_per_pod: int = Field(default=0, description="kubernetes: nvidia.com/gpu requested by the pod.")
+    cpu_request: str = Field(default="4", description="kubernetes: CPU request of the pod.")
+    memory_request: str = Field(default="16Gi", description="kubernetes: memory request (and limit) of the pod; see deploy/capacity.md.")
+    artifacts_claim: str = Field(default="", description="kubernetes: PersistentVolumeClaim holding the artifacts root, mounted at the same path.")
+
+    def resolved_mode(self) -> str:
+        mode = self.mode or os.environ.get(LAUNCHER_ENV, "") or IN_PROCESS
+        if mode not in LAUNCH_MODES:
+            raise dg.Failure(f"launcher mode must be one of {LAUNCH_MODES}, got {mode!r} (resource config or ${LAUNCHER_ENV})")
+        return mode
+
+    @property
+    def in_process(self) -> bool:
+        return self.resolved_mode() == IN_PROCESS
+
+    # -- the jobs --------------------------------------------------------------------------------
+    def train(
+        self,
+        context: dg.AssetExecutionContext,
+        examples: pl.DataFrame,
+        vocabularies: Vocabularies,
+        config: TrainConfig,
+        device: str = "auto",
+    ) -> TrainResult:
+        """Run `distributed_jobs train`; the TrainResult is rebuilt from rank 0's checkpoint and summary.
+
+        device: the ComputeResource's setting (auto / cpu / cuda[:i]); each rank takes its own GPU.
+        """
+        scratch = self._scratch(context)
+        examples.write_parquet(scratch / "examples.parquet")
+        vocabularies.save(scratch / "vocabularies")
+        out = scratch / "model"
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+        summary = self._launch(
+            context,
+            ["train", "--examples", str(scratch / "examples.parquet"), "--vocabularies", str(scratch / "vocabularies"),
+             "--out", str(out), "--config", json.dumps(cfg), "--version", context.run_id[:8]],
+            summary_file=out / "summary.json",
+            device=device,
+        )
+        model = TrainedModel.load(out).model
+        shutil.rmtree(scratch, ignore_errors=True)
+        return TrainResult(
+            model=model,
+            history=[EpochStats(**h) for h in summary["history"]],
+            best_epoch=summary["best_epoch"],
+            seconds=summary["train_seconds"],
+            samples_per_s=summary["samples_per_s"],
+            device=summary["device"],
+            loss_curve=summary["loss_curve"],
+            ranks=summary["ranks"],
+        )
+
+    def rank(
+        self,
+        context: dg.AssetExecutionContext,
+        trained: TrainedModel,
+        customers: pl.DataFrame,
+        products: pl.DataFrame,
+        *,
+        top_n: int,
+        exclude: pl.DataFrame | None,
+        dtype: str,
+        unavailable: pl.Series | None = None,
+        device: str = "auto",
+    ) -> tuple[pl.DataFrame, dict]:
+        """Run `distributed_jobs score`: (the merged ranking, rank 0's summary)."""
+        scratch = self._scratch(context)
+        trained.save(scratch / "model")
+        customers.write_parquet(scratch / "customers.parquet")
+        products.write_parquet(scratch / "products.parquet")
+        args = ["score", "--model", str(scratch / "model"), "--customers", str(scratch / "customers.parquet"),
+                "--products", str(scratch / "products.parquet"), "--out", str(scratch / "ranking.parquet"),
+                "--top-n", str(top_n), "--dtype", dtype]
+        if exclude is not None:
+            exclude.write_parquet(scratch / "exclude.parquet")
+            args += ["--exclude", str(scratch / "exclude.parquet")]
+        if unavailable is not None:
+            unavailable.to_frame().write_parquet(scratch / "unavailable.parquet")
+            args += ["--unavailable", str(scratch / "unavailable.parquet")]
+        summary = self._launch(context, args, summary_file=scratch / "ranking.summary.json", device=device)
+        ranking = pl.read_parquet(scratch / "ranking.parquet")
+        shutil.rmtree(scratch, ignore_errors=True)
+        return ranking, summary
+
+    # -- launching -------------------------------------------------------------------------------
+    def torchrun_command(self, job_args: list[str], device: str = "auto", python: str = sys.executable) -> list[str]:
+        rank_device = "cuda" if device.startswith("cuda") else device  # each rank picks cuda:LOCAL_RANK
+        return [
+            python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc_per_node}",
+            "-m", ENTRY_MODULE, "--device", rank_device, *job_args,
+        ]
+
+    def rank_env(self) -> dict[str, str]:
+        threads = self.threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, self.nproc_per_node))
+        return {"OMP_NUM_THREADS": str(threads)}
+
+    def _scratch(self, context: dg.AssetExecutionContext) -> Path:
+        d = self.artifacts.path("scratch", context.run_id, context.asset_key.path[-1])
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return d
+
+    def _launch(self, context: dg.AssetExecutionContext, job_args: list[str], summary_file: Path, device: str) -> dict:
+        mode = self.resolved_mode()
+        context.log.info(f"{job_args[0]}: {mode}, {self.nproc_per_node} ranks")
+        if mode == TORCHRUN:
+            invocation = dg.PipesSubprocessClient(env=self.rank_env()).run(
+                context=context, command=self.torchrun_command(job_args, device)
+            )
+        elif mode == KUBERNETES:
+            invocation = self._run_pod(context, job_args, device)
+        else:
+            raise dg.Failure(f"_launch called in mode {mode!r}")
+        messages = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and "job" in m]
+        if messages:
+            return messages[-1]
+        # Pod logs can drop lines; the summary file on the shared volume is the fallback.
+        if summary_file.exists():
+            return json.loads(summary_file.read_text())
+        raise dg.Failure(f"{job_args[0]} finished without a summary from rank 0 (no Pipes message, no {summary_file})")
+
+    def _run_pod(self, context: dg.AssetExecutionContext, job_args: list[str], device: str):
+        try:
+            from dagster_k8s import PipesK8sClient
+        except ImportError as e:
+            raise dg.Failure("launcher mode 'kubernetes' needs dagster-k8s: pip install dagster-k8s==0.29.27") from e
+        if not self.image:
+            raise dg.Failure("launcher mode 'kubernetes' needs the resource's image (see deploy/Dockerfile.cpu, .cuda)")
+        return PipesK8sClient().run(
+            context=context,
+            image=self.image,
+            command=self.torchrun_command(job_args, device, python="python"),
+            namespace=self.namespace or None,
+            env=self.rank_env_for_pod(),
+            base_pod_spec=self.pod_spec(),
+        )
+
+    def rank_env_for_pod(self) -> dict[str, str]:
+        cpu = self.cpu_request
+        cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)  # Kubernetes CPU quantity
+        threads = self.threads_per_rank or max(1, int(cores) // max(1, self.nproc_per_node))
+        return {"OMP_NUM_THREADS": str(threads)}
+
+    def pod_spec(self) -> dict:
+        """The Pipes pod: resources, GPU toleration, the artifacts volume, shared memory for NCCL."""
+        resources = {
+            "requests": {"cpu": self.cpu_request, "memory": self.memory_request},
+            "limits": {"memory": self.memory_request},
+        }
+        if self.gpus_per_pod:
+            resources["requests"]["nvidia.com/gpu"] = str(self.gpus_per_pod)
+            resources["limits"]["nvidia.com/gpu"] = str(self.gpus_per_pod)
+        mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]  # NCCL and torch workers use shared memory
+        volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+        if self.artifacts_claim:
+            root = str(self.artifacts.path())
+            mounts.append({"name": "artifacts", "mountPath": root})
+            volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": self.artifacts_claim}})
+        spec = {
+            "containers": [{"resources": resources, "volumeMounts": mounts}],
+            "volumes": volumes,
+        }
+        if self.gpus_per_pod:
+            spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        return spec

@@ -1,0 +1,1 @@
+"""The malformed-input corpus: see `cases.py`."""

@@ -1,0 +1,63 @@
+"""Scoring split by customer ranges over 2 torchrun ranks merges to the one-process ranking."""
+
+import polars as pl
+import pytest
+
+from feedpipe.process_group import split_range
+from feedpipe.sharded_scoring import customer_range, customers_per_unit
+from feedpipe.ranking import model_ranking
+from feedpipe.training import TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
+from feedpipe.training_examples import purchased_pairs
+from feedpipe.vocabularies import Vocabularies
+from feedpipe_tests.distributed_fixtures import read_summary, run_ranks, write_demo_inputs
+
+
+@pytest.fixture(scope="module")
+def scoring_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist_score")
+    # 2,000 products: the scorer's unit is 260 customers, so 599 customers are 3 units, 2 + 1 over 2 ranks.
+    paths = write_demo_inputs(d, customers=600, products=2000, seed=4)
+    vocab = Vocabularies.load(paths["vocabularies"])
+    cfg = TrainConfig(epochs=1, batch_size=1024)
+    train, valid = split_examples(pl.read_parquet(paths["examples"]), vocab.customer_specs, vocab.product_specs)
+    model = train_dlrm(train, valid, model_shape(vocab.customer_specs, vocab.product_specs, vocab, cfg), cfg).model
+    trained = TrainedModel(model, vocab.customer_specs, vocab.product_specs, vocab, "v1")
+    trained.save(d / "model")
+    customers = pl.read_parquet(paths["customers"]).head(599)
+    customers.write_parquet(paths["customers"])
+    exclude = purchased_pairs(pl.read_parquet(paths["transactions"]))
+    exclude.write_parquet(d / "exclude.parquet")
+    return d, paths, trained, customers, exclude
+
+
+@pytest.mark.parametrize("n, parts", [(299, 2), (10, 3), (2, 4), (0, 2)])
+def test_customer_ranges_are_contiguous_cover_everyone_and_differ_by_at_most_one(n, parts):
+    ranges = [split_range(n, parts, i) for i in range(parts)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [stop - start for start, stop in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_rank_ranges_are_whole_scorer_units_and_cover_every_customer():
+    per_unit = customers_per_unit(2000)
+    assert per_unit == 260
+    ranges = [customer_range(599, 2000, 2, r) for r in range(2)]
+    assert ranges == [(0, 520), (520, 599)]
+    assert [customer_range(10, 2000, 3, r) for r in range(3)] == [(0, 10), (10, 10), (10, 10)]
+
+
+def test_two_rank_scoring_merges_to_the_one_process_ranking_row_for_row(scoring_inputs):
+    d, paths, trained, customers, exclude = scoring_inputs
+    products = pl.read_parquet(paths["products"])
+    expected = model_ranking(trained, customers, products, top_n=25, exclude=exclude)
+    out = d / "ranking.parquet"
+    run_ranks(["score", "--model", str(d / "model"), "--customers", str(paths["customers"]),
+               "--products", str(paths["products"]), "--exclude", str(d / "exclude.parquet"),
+               "--out", str(out), "--top-n", "25"])
+    got = pl.read_parquet(out)
+    assert got.equals(expected)  # same rows, same order, same scores to the bit
+    summary = read_summary(d / "ranking.summary.json")
+    assert summary["ranks"] == 2 and summary["pairs_scored"] == 599 * products.height
+    assert summary["rows"] == expected.height and len(summary["rank_seconds"]) == 2
+    assert not (d / "ranking.parts").exists() or not any((d / "ranking.parts").iterdir())

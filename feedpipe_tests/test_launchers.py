@@ -1,0 +1,82 @@
+"""The launcher switch: dlrm_model and pair_scores run under torchrun through Dagster Pipes (2 ranks,
+gloo), report their metadata back to the asset, and give what the in-process assets give."""
+
+import json
+from datetime import date
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from feedpipe.definitions import build_resources, defs
+from feedpipe.defs.launchers import GPU_STEP_TAGS, LauncherResource, k8s_step_tags
+from feedpipe.demo_data import generate_demo_data
+from feedpipe.ranking import model_ranking
+from feedpipe.training_examples import ExampleConfig, Window, purchased_pairs, window_transactions
+
+FEED_DATE = "2026-03-31"
+ASSETS = list(defs.assets)
+UPSTREAM = ["transactions", "customers", "products", "vocabularies", "training_examples"]
+
+
+@pytest.fixture(scope="module")
+def materialized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch")
+    generate_demo_data(root / "data", customers=300, products=80, days=40, end_date=date(2026, 3, 30), seed=3)
+    resources = build_resources(artifacts_root=str(root / "artifacts"), data_dir=str(root / "data"))
+    resources["launcher"] = LauncherResource(
+        artifacts=resources["artifacts"], mode="torchrun", nproc_per_node=2, threads_per_rank=1
+    )
+    instance = dg.DagsterInstance.ephemeral()
+
+    def run(selection, ops=None):
+        return dg.materialize(ASSETS, selection=selection, partition_key=FEED_DATE, resources=resources,
+                              instance=instance, run_config={"ops": ops or {}})
+
+    run(UPSTREAM)
+    trained = run(["dlrm_model"], {"dlrm_model": {"config": {"epochs": 3, "min_validation_auc": 0.5}}})
+    scored = run(["pair_scores"], {"pair_scores": {"config": {"top_n": 20}}})
+
+    def load(asset):
+        return resources["io_manager"].load_input(
+            dg.build_input_context(asset_key=dg.AssetKey(asset), partition_key=FEED_DATE, resources=resources)
+        )
+
+    return trained, scored, load, root, instance
+
+
+def test_torchrun_training_reports_ranks_auc_and_throughput_to_the_asset(materialized):
+    trained, _, load, root, instance = materialized
+    meta = trained.asset_materializations_for_node("dlrm_model")[0].metadata
+    assert meta["ranks"].value == 2
+    assert 0.5 < meta["validation_auc"].value <= 1 and meta["samples_per_s"].value > 0
+    model = load("dlrm_model")
+    assert model.metrics["ranks"] == 2 and model.metrics["validation_auc"] == meta["validation_auc"].value
+    assert not any((root / "artifacts" / "scratch").rglob("*.parquet"))  # scratch removed
+    logs = [entry.user_message for entry in instance.all_logs(trained.run_id)]
+    assert any(m.startswith("epoch 0: train loss") for m in logs)  # rank 0's log lines come through Pipes
+
+
+def test_torchrun_scoring_gives_the_in_process_ranking(materialized):
+    _, scored, load, _, _ = materialized
+    assert scored.asset_materializations_for_node("pair_scores")[0].metadata["ranks"].value == 2
+    customers, products, transactions = load("customers"), load("products"), load("transactions")
+    window = Window.for_feed_date(date.fromisoformat(FEED_DATE), ExampleConfig())
+    exclude = purchased_pairs(window_transactions(transactions, window))
+    expected = model_ranking(load("dlrm_model"), customers, products, top_n=20, exclude=exclude)
+    assert load("pair_scores").equals(expected)
+
+
+def test_gpu_tags_ask_kubernetes_for_the_gpus_and_nothing_without_them():
+    tags = k8s_step_tags(2)["dagster-k8s/config"]
+    assert tags["container_config"]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert k8s_step_tags(0) == {}
+    for asset in ("dlrm_model", "pair_scores"):
+        tag = defs.resolve_assets_def(asset).op.tags.get("dagster-k8s/config")  # Dagster stores it as JSON
+        assert (json.loads(tag) if tag else None) == GPU_STEP_TAGS.get("dagster-k8s/config")
+
+
+def test_an_unknown_launcher_mode_fails_with_the_modes_it_knows(tmp_path):
+    launcher = LauncherResource(artifacts=build_resources(artifacts_root=str(tmp_path))["artifacts"], mode="slurm")
+    with pytest.raises(dg.Failure, match="in_process"):
+        launcher.resolved_mode()

@@ -1,0 +1,212 @@
+"""The input assets under Dagster: rejected Parquet beside the outputs, counts in metadata, the policy as config, the
+input checks, a failed load that leaves the served feed untouched, and the CLI's message for broken input."""
+
+import os
+import subprocess
+import sys
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS, QUANTITY, TRANSACTIONS, TS
+from feedpipe.database import connect
+from feedpipe.defs import ingest
+from feedpipe.defs.io_manager import ArtifactIOManager
+from feedpipe.defs.resources import ArtifactsResource, DatabaseResource, DataResource
+from feedpipe.publishing import FeedArrays, publish_feed
+from feedpipe.quarantine import REASON
+from feedpipe.sources import FeatureSpec
+from feedpipe.vocabularies import build_vocabularies
+from feedpipe_tests.malformed.cases import customers, write_set
+
+FEED_DATE = date(2024, 3, 1)
+PARTITION = FEED_DATE.isoformat()
+INPUTS = [ingest.customers, ingest.products, ingest.transactions]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def daily_transactions(days: int = 21, per_day: int = 6, last_day: int | None = None) -> pl.DataFrame:
+    """`per_day` transactions on each of the `days` days before the feed date (`last_day` on the last one)."""
+    rows = []
+    for d in range(days, 0, -1):
+        n = last_day if (d == 1 and last_day is not None) else per_day
+        day = datetime.combine(FEED_DATE - timedelta(days=d), datetime.min.time())
+        rows += [(f"c{1 + (d + i) % 6}", f"p{1 + i % 5}", day + timedelta(hours=i), 1 + i % 3) for i in range(n)]
+    return pl.DataFrame(rows, schema=[CUSTOMER_ID, PRODUCT_ID, TS, QUANTITY], orient="row")
+
+
+def resources(tmp_path: Path, data_dir: Path, input_config: str = "") -> dict:
+    artifacts = ArtifactsResource(root=str(tmp_path / "artifacts"))
+    return {
+        "data": DataResource(data_dir=str(data_dir), input_config=input_config),
+        "artifacts": artifacts,
+        "database": DatabaseResource(),
+        "io_manager": ArtifactIOManager(artifacts=artifacts),
+    }
+
+
+def materialize(assets, res, run_config=None, partition=PARTITION):
+    return dg.materialize(assets, partition_key=partition, resources=res, run_config=run_config or {},
+                          raise_on_error=False)
+
+
+def metadata(result, asset: str) -> dict:
+    return {k: v.value for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()}
+
+
+def checks(result) -> dict:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def lenient(fraction: float = 0.5) -> dict:
+    return {"ops": {name: {"config": {"max_rejected_fraction": fraction}} for name in (TRANSACTIONS, CUSTOMERS, PRODUCTS)}}
+
+
+def test_rejected_rows_go_to_parquet_beside_the_outputs_with_counts_per_reason(tmp_path):
+    tx = pl.concat([daily_transactions(), pl.DataFrame(
+        {CUSTOMER_ID: ["c9", "c1", ""], PRODUCT_ID: ["p1", "p1", "p1"],
+         TS: [datetime(2024, 2, 20), datetime(2024, 3, 2), datetime(2024, 2, 20)], QUANTITY: [1, 1, 1]})])
+    write_set(tmp_path / "data", "csv", transactions=tx, customers=pl.concat([customers(), customers()[0]]))
+
+    result = materialize(INPUTS, resources(tmp_path, tmp_path / "data"), lenient())
+
+    assert result.success
+    meta = metadata(result, TRANSACTIONS)
+    assert (meta["rows_received"], meta["rows_accepted"], meta["rows_rejected"]) == (129, 126, 3)
+    assert meta["dagster/row_count"] == 126
+    assert meta["rejected_counts"] == {"missing_id": 1, "ts_after_feed_date": 1, "unknown_customer": 1}
+    assert "| ts_after_feed_date | ts | 1 |" in meta["rejected_by_reason"]
+    rejected = pl.read_parquet(meta["rejected_rows"])
+    assert Path(meta["rejected_rows"]) == tmp_path / "artifacts" / "rejected" / TRANSACTIONS / f"{PARTITION}.parquet"
+    assert sorted(rejected.get_column(REASON)) == ["missing_id", "ts_after_feed_date", "unknown_customer"]
+    assert metadata(result, CUSTOMERS)["rejected_counts"] == {"duplicate_row": 1}
+    assert pl.read_parquet(metadata(result, PRODUCTS)["rejected_rows"]).is_empty()  # written even when empty
+    found = checks(result)
+    assert found["referential_integrity"].passed and found["freshness"].passed and found["daily_volume"].passed
+
+
+def test_policy_breach_fails_the_asset_with_the_message_and_counts(tmp_path):
+    tx = daily_transactions().with_columns(pl.when(pl.col(TS).dt.day() == 10).then(0).otherwise(pl.col(QUANTITY)).alias(QUANTITY))
+    write_set(tmp_path / "data", "csv", transactions=tx)
+
+    result = materialize(INPUTS, resources(tmp_path, tmp_path / "data"))
+
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert failure.step_key == TRANSACTIONS
+    message = failure.step_failure_data.error.message
+    assert "transactions.csv: 6 of 126 transactions rows rejected (4.8%)" in message
+    assert "column 'quantity'" in message and "non_positive_quantity" in message
+    assert failure.step_failure_data.user_failure_data.metadata["rejected_counts"].value == {"non_positive_quantity": 6}
+    assert pl.read_parquet(tmp_path / "artifacts" / "rejected" / TRANSACTIONS / f"{PARTITION}.parquet").height == 6
+    assert not result.asset_materializations_for_node(TRANSACTIONS)
+
+    relaxed = materialize(INPUTS, resources(tmp_path, tmp_path / "data"), lenient(0.05))
+    assert relaxed.success
+
+
+def test_a_rerun_replaces_the_rejected_file_of_its_partition(tmp_path):
+    write_set(tmp_path / "data", "csv", customers=pl.concat([customers(), customers()[0]]))
+    materialize([ingest.customers], resources(tmp_path, tmp_path / "data"), {"ops": {CUSTOMERS: {"config": {"max_rejected_fraction": 0.5}}}})
+    path = tmp_path / "artifacts" / "rejected" / CUSTOMERS / f"{PARTITION}.parquet"
+    assert pl.read_parquet(path).height == 1
+
+    write_set(tmp_path / "data", "csv")
+    assert materialize([ingest.customers], resources(tmp_path, tmp_path / "data")).success
+    assert pl.read_parquet(path).is_empty()
+
+
+def test_stale_export_fails_freshness_and_a_thin_day_warns_on_volume(tmp_path):
+    write_set(tmp_path / "data", "parquet", transactions=daily_transactions(last_day=1))
+    write_set(tmp_path / "stale", "parquet", transactions=daily_transactions().filter(pl.col(TS) < datetime(2024, 2, 25)))
+
+    thin = checks(materialize(INPUTS, resources(tmp_path, tmp_path / "data")))
+    stale = checks(materialize(INPUTS, resources(tmp_path / "s", tmp_path / "stale")))
+
+    assert not thin["daily_volume"].passed and thin["daily_volume"].severity == dg.AssetCheckSeverity.WARN
+    assert thin["daily_volume"].metadata["trailing_median"].value == 6.0 and thin["freshness"].passed
+    assert not stale["freshness"].passed and stale["freshness"].severity == dg.AssetCheckSeverity.ERROR
+    assert stale["freshness"].metadata["age_days"].value == 5.79  # newest: 2024-02-24 05:00
+
+
+def test_vocabulary_drift_warns_when_values_are_unknown_to_the_last_vocabularies(tmp_path):
+    specs = [FeatureSpec(CUSTOMER_ID, CUSTOMERS, "categorical"), FeatureSpec("region", CUSTOMERS, "categorical")]
+    earlier = build_vocabularies({CUSTOMERS: customers()}, specs, min_count=1)
+    earlier.save(tmp_path / "artifacts" / "vocabularies" / "2024-02-29")
+    renamed = customers().with_columns(pl.col("region").str.to_uppercase())
+    write_set(tmp_path / "data", "csv", customers=renamed)
+
+    result = materialize([ingest.customers], resources(tmp_path, tmp_path / "data"))
+
+    drift = checks(result)["vocabulary_drift"]
+    assert result.success and not drift.passed and drift.severity == dg.AssetCheckSeverity.WARN
+    assert drift.metadata["baseline"].value == "2024-02-29"
+    assert "customers.region 100.0%" in drift.description and "customer_id" not in drift.description
+
+
+@dg.asset(partitions_def=ingest.feed_date_partitions, deps=[TRANSACTIONS, CUSTOMERS, PRODUCTS])
+def stand_in_feed(context: dg.AssetExecutionContext, database: DatabaseResource) -> None:
+    """Downstream of the inputs like ranked_feed: publishes a different feed if it ever runs."""
+    publish_feed(database.url(), FeedArrays(["c1"], ["p9"], [1], [0.5]), feed_date=FEED_DATE, model_version="new")
+
+
+@pytest.mark.parametrize("broken", ["missing_column", "above_policy"])
+def test_a_failed_load_leaves_current_feed_byte_for_byte_unchanged(broken, tmp_path, pg_url, monkeypatch):
+    monkeypatch.setenv("FEEDPIPE_DATABASE_URL", pg_url)
+    publish_feed(pg_url, FeedArrays(["c1", "c1", "c2"], ["p1", "p2", "p1"], [1, 2, 1], [0.9, 0.4, 0.7]),
+                 feed_date=FEED_DATE - timedelta(days=1), model_version="yesterday")
+    snapshot = "select md5(string_agg(f::text, E'\\n' order by 1, 3)), count(*) from feedpipe.current_feed f"
+    with connect(pg_url) as conn:
+        before = conn.execute("select * from feedpipe.current_feed order by 1, 3").fetchall()
+        before_md5 = conn.execute(snapshot).fetchone()
+    tx = daily_transactions()
+    write_set(tmp_path / "data", "csv", transactions=tx.drop(TS) if broken == "missing_column" else tx.with_columns(pl.lit(0).alias(QUANTITY)))
+
+    result = materialize([*INPUTS, stand_in_feed], resources(tmp_path, tmp_path / "data"))
+
+    assert not result.success
+    assert not result.asset_materializations_for_node("stand_in_feed")
+    with connect(pg_url) as conn:
+        assert conn.execute("select * from feedpipe.current_feed order by 1, 3").fetchall() == before
+        assert conn.execute(snapshot).fetchone() == before_md5
+    write_set(tmp_path / "data", "csv", transactions=tx)  # the control: with good input the stand-in does publish
+    assert materialize([*INPUTS, stand_in_feed], resources(tmp_path, tmp_path / "data")).success
+    with connect(pg_url) as conn:
+        assert conn.execute("select * from feedpipe.current_feed").fetchall() != before
+
+
+def test_postgres_source_feeds_the_input_assets(tmp_path, pg_url, monkeypatch):
+    with connect(pg_url, autocommit=True) as conn:
+        conn.execute("create table tx (customer_id text, product_id text, ts timestamp, quantity int)")
+        with conn.cursor().copy("copy tx from stdin") as copy:
+            for row in daily_transactions().iter_rows():
+                copy.write_row(row)
+        conn.execute("create table cu as select 'c' || i as customer_id, 20 + i as age from generate_series(1, 6) i;"
+                     "create table pr as select 'p' || i as product_id, i * 1.5 as price from generate_series(1, 5) i")
+    monkeypatch.setenv("SALES_URL", pg_url)
+    config = tmp_path / "input.yaml"
+    config.write_text("source:\n  postgres:\n    url_env: SALES_URL\n    chunk_rows: 50\n"
+                      "    transactions: {table: tx}\n    customers: {table: cu}\n    products: {query: select * from pr}\n")
+
+    result = materialize(INPUTS, resources(tmp_path, tmp_path / "no-data-dir", str(config)))
+
+    assert result.success
+    meta = metadata(result, TRANSACTIONS)
+    assert meta["source"] == "postgres table tx" and meta["rows_accepted"] == meta["rows_received"] == 126
+
+
+def test_cli_run_on_broken_input_exits_nonzero_with_file_and_column_and_no_traceback(tmp_path, pg_url):
+    write_set(tmp_path / "data", "csv", transactions=daily_transactions().drop(TS))
+    env = {**os.environ, "FEEDPIPE_HOME": str(tmp_path / "home"), "FEEDPIPE_DATABASE_URL": pg_url}
+    env.pop("DAGSTER_HOME", None)
+    feedpipe = Path(sys.executable).parent / "feedpipe"
+
+    run = subprocess.run([str(feedpipe), "run", "--data", str(tmp_path / "data"), "--date", PARTITION],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+    assert run.returncode != 0
+    assert f"{tmp_path / 'data' / 'transactions.csv'}: missing required column(s) 'ts'" in run.stderr
+    assert "Traceback" not in run.stderr and "Stack Trace" not in run.stderr

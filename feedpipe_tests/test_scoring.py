@@ -1,0 +1,142 @@
+"""The all-pairs scorer against the model's own forward, on random models and random encoded tables."""
+
+import numpy as np
+import pytest
+import torch
+
+import feedpipe.scoring as scoring
+from feedpipe.feature_tensors import SideTensors
+from feedpipe.model import ModelShape, SparseFeature, TwoSidedDLRM
+from feedpipe.scoring import Exclusions, forward_pairs, pair_logits, score_all_pairs
+
+
+def _side(n, features, n_dense, g):
+    sparse = {}
+    for f in features:
+        # multi-valued bags of 0-3 values: an empty bag pools to zeros and must score like forward does
+        lengths = torch.randint(0, 4, (n,), generator=g) if f.multi_valued else torch.ones(n, dtype=torch.long)
+        offsets = torch.zeros(n + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        sparse[f.name] = (torch.randint(0, f.num_embeddings, (int(offsets[-1]),), generator=g), offsets)
+    return SideTensors(torch.randn(n, n_dense, generator=g) * 2, [f.name for f in features], sparse)
+
+
+def _random_case(seed, n_customers, n_products, customer_dense, product_dense, over_arch=(32, 16, 1), spread=0.5):
+    """A random model whose logits differ by O(1) between products (as a trained one's do) and tables for it."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    cs = (SparseFeature("c.id", n_customers), SparseFeature("c.seg", 5), SparseFeature("c.hist", 30, True))
+    ps = (SparseFeature("p.id", n_products), SparseFeature("p.brand", 7), SparseFeature("p.tags", 11, True))
+    shape = ModelShape(cs, ps, customer_dense, product_dense, embedding_dim=8, dense_arch_layers=(16, 8),
+                       over_arch_layers=over_arch)
+    model = TwoSidedDLRM(shape).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embedding_bags" in name:
+                p.normal_(0, spread, generator=g)
+    return model, _side(n_customers, cs, customer_dense, g), _side(n_products, ps, product_dense, g)
+
+
+def _all_pairs_forward(model, customers, products):
+    nc, np_ = customers.num_rows, products.num_rows
+    c = torch.arange(nc).repeat_interleave(np_)
+    p = torch.arange(np_).repeat(nc)
+    return forward_pairs(model, customers, products, c, p).view(nc, np_)
+
+
+@pytest.mark.parametrize("customer_dense", [0, 3])
+@pytest.mark.parametrize("product_dense", [0, 2])
+@pytest.mark.parametrize("over_arch", [(32, 16, 1), (24, 12, 6, 1)])
+def test_every_pair_logit_equals_the_forward_pass(customer_dense, product_dense, over_arch):
+    model, customers, products = _random_case(7, 40, 90, customer_dense, product_dense, over_arch)
+    ref = _all_pairs_forward(model, customers, products)
+    # 200 pairs per tile: 2 customers x 90 products; 50: one customer x product chunks of 50 (and a rest of 40)
+    for tile in (200, 50):
+        got = pair_logits(model, customers, products, torch.arange(40), pairs_per_tile=tile)
+        assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_the_generic_kernel_path_is_exact_too(monkeypatch):
+    """Where oneDNN is absent (a GPU, another build) the scorer runs on F.linear."""
+    monkeypatch.setattr(scoring, "onednn_available", lambda device: False)
+    model, customers, products = _random_case(3, 30, 50, 2, 1)
+    got = pair_logits(model, customers, products, torch.arange(30), pairs_per_tile=128)
+    assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
+
+
+def _reference_top_n(ref, excluded_pairs, unavailable, n):
+    masked = ref.clone()
+    for c, p in excluded_pairs:
+        masked[c, p] = float("-inf")
+    masked[:, unavailable] = float("-inf")
+    top = torch.topk(masked, n, dim=1)
+    return top.indices, torch.sigmoid(top.values)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_top_n_equals_the_forward_ranking_with_exclusions_and_unavailable_products(workers):
+    model, customers, products = _random_case(11, 60, 120, 2, 1)
+    rng = np.random.default_rng(0)
+    excluded = [(int(c), int(p)) for c in range(0, 60, 3) for p in rng.choice(120, 15, replace=False)]
+    unavailable = torch.tensor([0, 5, 17, 64, 119])
+    ex = Exclusions.from_pairs(np.array([c for c, _ in excluded]), np.array([p for _, p in excluded]), 60)
+    # small tiles and units: several units per worker, product chunks, a partial last tile
+    top = score_all_pairs(model, customers, products, top_n=10, exclusions=ex, unavailable=unavailable,
+                          pairs_per_tile=100, pairs_per_unit=700, workers=workers)
+    rows, scores = _reference_top_n(_all_pairs_forward(model, customers, products), excluded, unavailable, 10)
+    assert torch.equal(top.product_rows, rows)
+    assert (top.scores - scores).abs().max().item() <= 1e-5
+    assert not np.isin(top.product_rows.numpy(), unavailable.numpy()).any()
+
+
+def test_a_customer_with_fewer_allowed_products_than_n_gets_empty_slots():
+    model, customers, products = _random_case(5, 3, 6, 1, 1)
+    ex = Exclusions.from_pairs(np.array([1, 1, 1]), np.array([0, 2, 4]), 3)
+    top = score_all_pairs(model, customers, products, top_n=5, exclusions=ex, unavailable=torch.tensor([5]))
+    assert top.product_rows.shape == (3, 5)
+    assert (top.product_rows[1, 2:] == -1).all() and top.scores[1, 2:].isnan().all()
+    assert sorted(top.product_rows[1, :2].tolist()) == [1, 3]
+    assert (top.product_rows[0] >= 0).all()
+
+
+def test_customer_rows_select_and_order_the_scored_customers():
+    model, customers, products = _random_case(2, 20, 30, 2, 1)
+    rows = torch.tensor([7, 3, 19])
+    ex = Exclusions.from_pairs(np.array([0]), np.array([4]), 3)  # indexed by position in `rows`: customer 7
+    sub = score_all_pairs(model, customers, products, top_n=30, exclusions=ex, customer_rows=rows)
+    full = score_all_pairs(model, customers, products, top_n=30)
+    assert torch.equal(sub.product_rows[1:], full.product_rows[[3, 19]])
+    assert 4 not in sub.product_rows[0].tolist() and 4 in full.product_rows[7].tolist()
+
+
+def test_exclusions_of_unscored_products_are_dropped_when_remapped():
+    ex = Exclusions.from_pairs(np.array([0, 0, 2, 2, 2]), np.array([1, 3, 0, 3, 4]), 3)
+    column_of_row = torch.tensor([0, 1, 2, -1, 3])  # product 3 is not scored
+    got = ex.remapped(column_of_row)
+    assert got.offsets.tolist() == [0, 1, 1, 3]
+    assert got.values.tolist() == [1, 0, 3]
+
+
+def test_bf16_ranks_nearly_like_fp32():
+    model, customers, products = _random_case(13, 100, 400, 2, 1, over_arch=(64, 32, 1))
+    rows = torch.arange(100)
+    fp32 = pair_logits(model, customers, products, rows)
+    bf16 = pair_logits(model, customers, products, rows, dtype=torch.bfloat16)
+    a, b = torch.topk(fp32, 20, dim=1).indices, torch.topk(bf16, 20, dim=1).indices
+    overlap = (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).float().mean().item()
+    assert overlap >= 0.95
+    top = score_all_pairs(model, customers, products, top_n=20, dtype=torch.bfloat16, unavailable=torch.tensor([1]))
+    assert not (top.product_rows == 1).any()
+
+
+def test_chunked_top_k_equals_torch_topk_including_rows_with_few_finite_values():
+    g = torch.Generator().manual_seed(0)
+    for p in (997, 1000, 30):  # a partial last chunk, whole chunks, too few chunks to bother
+        x = torch.randn(50, p, generator=g)
+        x[3, 5:] = float("-inf")  # fewer allowed products than k
+        x[4, :] = float("-inf")
+        values, indices = scoring.top_k_rows(x, 20)
+        ref = torch.topk(x, 20, dim=1)
+        assert torch.equal(values, ref.values)
+        finite = ref.values > float("-inf")
+        assert torch.equal(indices[finite], ref.indices[finite])
