@@ -2,8 +2,10 @@
 
 1 rank is the entry point under plain `python -m` (InProcess training, one-process scoring);
 2 ranks is `torchrun --nproc_per_node 2` (TorchRec DMP over gloo, tables sharded table-wise;
-scoring split by customer ranges). Each side gets every core: 1 rank runs cores threads, 2 ranks
-run cores/2 threads each (OMP_NUM_THREADS), so the comparison is per machine, not per process.
+scoring split by customer ranges). Every rank runs `--threads-per-rank` OpenMP threads (default
+1: on a machine shared with other jobs, a rank with more threads than it has free cores runs
+several times slower, which would measure the neighbours rather than feedpipe; on a dedicated
+machine pass cores / 2 to compare whole machines).
 
 Figures come from rank 0's summary: training samples/s over the training loop (validation and
 checkpoint excluded), AUC of the best epoch, scoring pairs/s over the slowest rank's scoring
@@ -61,8 +63,8 @@ def write_inputs(d: Path, customers: int, products: int) -> None:
     )
 
 
-def run_job(ranks: int, job_args: list[str], cores: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
+def run_job(ranks: int, job_args: list[str], threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env.pop("DAGSTER_PIPES_CONTEXT", None)
     if ranks == 1:
         cmd = [sys.executable, "-m", "feedpipe.distributed_jobs", "--device", "cpu", *job_args]
@@ -78,11 +80,12 @@ def run_job(ranks: int, job_args: list[str], cores: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--customers", type=int, default=4000)
+    p.add_argument("--customers", type=int, default=8000)
     p.add_argument("--products", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--top-n", type=int, default=100)
+    p.add_argument("--threads-per-rank", type=int, default=1)
     args = p.parse_args()
     cores = os.cpu_count() or 1
     d = Path(tempfile.mkdtemp(prefix="feedpipe_dist_bench_"))
@@ -93,12 +96,12 @@ def main() -> None:
     for ranks in (1, 2):
         model = d / f"model_{ranks}"
         wall = run_job(ranks, ["train", "--examples", str(d / "examples.parquet"), "--vocabularies",
-                               str(d / "vocabularies"), "--out", str(model), "--config", config], cores)
+                               str(d / "vocabularies"), "--out", str(model), "--config", config], args.threads_per_rank)
         train = json.loads((model / "summary.json").read_text())
         out = d / f"ranking_{ranks}.parquet"
         wall_score = run_job(ranks, ["score", "--model", str(d / "model_1"), "--customers", str(d / "customers.parquet"),
                                      "--products", str(d / "products.parquet"), "--exclude", str(d / "exclude.parquet"),
-                                     "--out", str(out), "--top-n", str(args.top_n)], cores)
+                                     "--out", str(out), "--top-n", str(args.top_n)], args.threads_per_rank)
         score = json.loads((d / f"ranking_{ranks}.summary.json").read_text())
         result.update({
             f"train_{ranks}": round(train["samples_per_s"]),
@@ -116,7 +119,8 @@ def main() -> None:
     examples = pl.scan_parquet(d / "examples.parquet").select(pl.len()).collect().item()
     result.update({
         "customers": args.customers, "products": args.products, "examples": examples, "epochs": args.epochs,
-        "batch_size": args.batch_size, "top_n": args.top_n, "cores": cores, "backend_2": "gloo", "device": "cpu",
+        "batch_size": args.batch_size, "top_n": args.top_n, "cores": cores, "threads_per_rank": args.threads_per_rank,
+        "backend_2": "gloo", "device": "cpu",
     })
     print(json.dumps(result))
 

@@ -49,14 +49,17 @@ from feedpipe.scoring import (  # noqa: E402
     plan_scoring,
     run_units,
     score_all_pairs,
+    single_threaded_kernels,
     tile_shape,
 )
 from feedpipe.training import TrainConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Row std of the demo model's embedding tables after training is 0.15-0.28. TorchRec's default init
-# (uniform +-1/sqrt(rows), 0.01 for 10k ids) gives logits that barely differ (std 0.005 per customer),
-# which no ranking of a trained model looks like and which makes bf16's fidelity meaningless.
+# The demo model after training (6 epochs, 10k x 2k): embedding rows have std 0.15-0.28 and Linear
+# weights std 0.7-1.4 / sqrt(fan_in), and a customer's logits over the products have std ~2. TorchRec's
+# default init (embeddings uniform +-1/sqrt(rows): 0.01 for 10k ids; Linear 0.58 / sqrt(fan_in)) gives
+# logits that barely differ (std 0.005), which no trained ranking looks like and which would make the
+# bf16 fidelity figure meaningless. "trained-scale" draws N(0, 0.2) embeddings and N(0, 1/fan_in) weights.
 TRAINED_EMBEDDING_STD = 0.2
 
 
@@ -104,6 +107,8 @@ def demo_like(customers: int, products: int, init: str, seed: int = 0):
             for name, p in model.named_parameters():
                 if "embedding_bags" in name:
                     p.normal_(0.0, TRAINED_EMBEDDING_STD, generator=g)
+                elif name.endswith("weight"):
+                    p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
     return model, random_side(customers, cs, 2, g), random_side(products, ps, 1, g)
 
 
@@ -117,8 +122,9 @@ def random_exclusions(n_customers: int, n_products: int, per_customer: int, g: t
 # -- the three ways of scoring --------------------------------------------------------------------
 
 
-def roofline_run(model, customers, products, dtype, n_customers, pairs_per_tile, workers, kernel):
-    """The bare first-layer-as-one-GEMM chain over n_customers x products, tiled and threaded like the scorer."""
+def roofline(model, products, dtype, n_customers, pairs_per_tile, workers, kernel):
+    """A callable running the bare chain over n_customers x products, tiled and threaded like the scorer:
+    the first layer as one GEMM per tile ([Pc, Fp*D] x [Fp*D, B*H]), then the rest of the over arch."""
     h = model.shape.over_arch_layers[0]
     k = model.num_product_vectors * model.shape.embedding_dim
     n_p = products.num_rows
@@ -129,6 +135,7 @@ def roofline_run(model, customers, products, dtype, n_customers, pairs_per_tile,
     layers = [layer for layer in model.over_arch.modules() if isinstance(layer, torch.nn.Linear)][1:]
     ws = [layer.weight.detach().to(dtype).contiguous() for layer in layers]
     onednn = kernel == "onednn"
+    units = _units(n_customers, n_p, pairs_per_tile, DEFAULT_PAIRS_PER_UNIT)
 
     def mm(x, w):
         return linear(x, w, None, relu=False, onednn=True) if onednn else torch.mm(x, w.T)
@@ -143,7 +150,11 @@ def roofline_run(model, customers, products, dtype, n_customers, pairs_per_tile,
                     x = mm(x, w)
                 torch.mv(x, ws[-1][0])
 
-    run_units(_units(n_customers, n_p, pairs_per_tile, DEFAULT_PAIRS_PER_UNIT), work, workers)
+    def run():
+        with single_threaded_kernels(workers > 1):
+            run_units(units, work, workers)
+
+    return run
 
 
 def naive_run(model, customers, products, rows, top_n, batch_pairs=16384):
@@ -241,21 +252,22 @@ def main() -> None:
         score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=dtype,
                         pairs_per_tile=args.pairs_per_tile, workers=workers)
 
-    def roofline(kernel):
-        return lambda: roofline_run(model, customers, products, dtype, args.customers, args.pairs_per_tile,
-                                    workers, kernel)
+    roofline_onednn, roofline_mkl = (
+        roofline(model, products, dtype, args.customers, args.pairs_per_tile, workers, kernel)
+        for kernel in ("onednn", "mkl")
+    )
 
     # Warm-up: oneDNN builds its kernels on first use of each shape.
     scorer()
-    roofline("onednn")()
-    roofline("mkl")()
+    roofline_onednn()
+    roofline_mkl()
     naive_run(model, customers, products, naive_rows[:2], args.top_n)
 
     rounds = []
     for r in range(args.repeats):
         t_s, c_s = timed(scorer)
-        t_d, c_d = timed(roofline("onednn"))
-        t_m, c_m = timed(roofline("mkl"))
+        t_d, c_d = timed(roofline_onednn)
+        t_m, c_m = timed(roofline_mkl)
         t_n, c_n = timed(lambda: naive_run(model, customers, products, naive_rows, args.top_n))
         t_s2, c_s2 = timed(scorer)  # bracket the others, so a load change mid-round shows up in both
         naive_pairs = naive_rows.numel() * args.products

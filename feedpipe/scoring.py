@@ -35,8 +35,13 @@ AVX512_BF16 dot-product instructions with fp32 accumulation (~470 GFLOP/s per co
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import math
+import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,10 +97,10 @@ class Exclusions:
 
     def remapped(self, column_of_row: torch.Tensor) -> "Exclusions":
         """Product rows -> scored columns; rows that are not scored (column -1) are dropped."""
+        if bool((column_of_row == torch.arange(column_of_row.numel())).all()):
+            return self  # every product is scored, in order
         cols = column_of_row[self.values]
         keep = cols >= 0
-        if bool(keep.all()):
-            return Exclusions(self.offsets, cols)
         n = self.offsets.numel() - 1
         owner = torch.repeat_interleave(torch.arange(n), self.offsets[1:] - self.offsets[:-1])
         offsets = torch.zeros(n + 1, dtype=torch.long)
@@ -183,8 +188,9 @@ class ScoringPlan:
     e: torch.Tensor  # [P', K'] scoring dtype: E' of every scored product (module docstring)
     product_rows: torch.Tensor  # [P'] int64: product row of each row of e
     column_of_row: torch.Tensor  # [P] int64: column of each product row, -1 where not scored
-    u_map: torch.Tensor  # [H*K', Fc*D] dtype: U' as a linear map of the customer's vectors
-    u_extra: torch.Tensor  # [H*K'] dtype: the customer-independent part of U'
+    w_x_rows: torch.Tensor  # [H*Fp, Fc] dtype: W_x[h, i, j] at row (h, j), column i
+    u_fold: torch.Tensor  # [H, Fp*D] dtype: W_pd, added to U's first product block
+    w_pp: torch.Tensor  # [H, n_pp] dtype: U's last columns, the same for every customer
     middle: list[tuple[torch.Tensor, torch.Tensor]]  # over-arch layers 2..L-1 (ReLU after each), dtype
     last_w: torch.Tensor  # [H_{L-1}] dtype: the last layer (torchrec's OverArch has at least two) as a vector
     last_b: float  # added to the kept logits only
@@ -229,18 +235,9 @@ def plan_scoring(
 
     h, d = f.b1.shape[0], model.shape.embedding_dim
     fc, fp = f.w_x.shape[1], f.w_x.shape[2]
-    # U'_c = vec(v_c) @ M + u_extra. M[(i, d'), (h, j, d)] = W_x[h, i, j] [d == d']: D times the flops of
-    # the einsum it replaces, but one GEMM that writes U' in the layout the first layer reads, where
-    # the einsum's permute-copy cost 25% of the scoring time.
-    u_map = torch.zeros((fc, d, h, e.shape[1]), device=device)
-    eye = torch.eye(d, device=device)
-    u_map[..., : fp * d] = (f.w_x.permute(1, 0, 2)[:, None, :, :, None] * eye[None, :, None, None, :]).reshape(
-        fc, d, h, fp * d
-    )
-    u_extra = torch.zeros((h, e.shape[1]), device=device)
+    u_fold = torch.zeros((h, fp * d), device=device)
     if f.w_pd is not None:
-        u_extra[:, :d] = f.w_pd  # the product's dense output is v_p0, E's first D-block
-    u_extra[:, fp * d :] = f.w_pp
+        u_fold[:, :d] = f.w_pd  # the product's dense output is v_p0, E's first D-block
 
     rest = [(lin.weight.detach().to(dtype).contiguous(), lin.bias.detach().to(dtype).contiguous()) for lin in f.rest]
     return ScoringPlan(
@@ -249,8 +246,9 @@ def plan_scoring(
         e=e.to(dtype).contiguous(),
         product_rows=product_rows,
         column_of_row=column_of_row,
-        u_map=u_map.reshape(fc * d, -1).T.to(dtype).contiguous(),
-        u_extra=u_extra.reshape(-1).to(dtype),
+        w_x_rows=f.w_x.permute(0, 2, 1).reshape(h * fp, fc).to(dtype).contiguous(),
+        u_fold=u_fold.to(dtype),
+        w_pp=f.w_pp.to(dtype).contiguous(),
         middle=rest[:-1],
         last_w=rest[-1][0][0],
         last_b=float(f.rest[-1].bias),
@@ -274,8 +272,19 @@ def customer_factors(plan: ScoringPlan, customers: SideTensors, rows: torch.Tens
 
 
 def u_prime(plan: ScoringPlan, v_flat: torch.Tensor) -> torch.Tensor:
-    """U' [S*H, K'] of customers' flattened vectors [S, Fc*D] (module docstring)."""
-    return linear(v_flat, plan.u_map, plan.u_extra, relu=False, onednn=plan.onednn).view(-1, plan.k_dim)
+    """U' [S*H, K'] of customers' flattened vectors [S, Fc*D] (module docstring).
+
+    U[s, h, j, :] = sum_i W_x[h, i, j] v[s, i, :] is one batched product [H*Fp, Fc] x [Fc, D] per
+    customer whose output is already laid out (h, j, d). (As one GEMM by a [Fc*D, H*Fp*D] map it
+    did D times the flops and cost twice as much.)
+    """
+    s, fc = v_flat.shape[0], plan.w_x_rows.shape[1]
+    h = plan.w_pp.shape[0]
+    u = torch.matmul(plan.w_x_rows, v_flat.view(s, fc, -1)).view(s, h, -1)  # [S, H, Fp*D]
+    u += plan.u_fold
+    if plan.w_pp.shape[1]:
+        u = torch.cat([u, plan.w_pp.expand(s, -1, -1)], dim=2)
+    return u.view(s * h, -1)
 
 
 def tile_shape(num_products: int, pairs_per_tile: int) -> tuple[int, int]:
@@ -286,35 +295,57 @@ def tile_shape(num_products: int, pairs_per_tile: int) -> tuple[int, int]:
     return b, min(num_products, max(1, pairs_per_tile // b))
 
 
-def unit_logits(
-    plan: ScoringPlan, bias: torch.Tensor, v_flat: torch.Tensor, out: torch.Tensor, pairs_per_tile: int
-) -> torch.Tensor:
-    """out[s, p] = logit (without the last layer's bias) of customer s against scored product p.
+_buffers = threading.local()
 
-    bias [S, H] and v_flat [S, Fc*D] from `customer_factors`; out [S, P'] float32.
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread buffer reused from unit to unit. Allocating a few MiB per unit instead made glibc
+    return and re-fault the pages every time (130k page faults, +10% CPU time, for 8M pairs)."""
+    cache = _buffers.__dict__.setdefault("tensors", {})
+    buf = cache.get(name)
+    numel = math.prod(shape)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        buf = cache[name] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def unit_logits(plan: ScoringPlan, bias: torch.Tensor, v_flat: torch.Tensor, pairs_per_tile: int) -> torch.Tensor:
+    """Logits [S, P'] in the scoring dtype, without the last layer's bias, of customers against scored products.
+
+    bias [S, H] and v_flat [S, Fc*D] from `customer_factors`. The loop body is four calls per tile:
+    Python's cost per call is a few microseconds, and a tile is ~0.5 ms of work.
     """
     s_total, h = bias.shape
     n_p = plan.num_scored
     b_tile, p_tile = tile_shape(n_p, pairs_per_tile)
+    e_chunks = plan.e.split(p_tile)
+    out = _scratch("out", (s_total, n_p), plan.dtype, bias.device)
+    if b_tile > 1:  # one product chunk: tile t's logits land in tiles[t] ordered (product, customer)
+        tiles = _scratch("tiles", (math.ceil(s_total / b_tile), n_p * b_tile), plan.dtype, bias.device)
     # U' of a group of customers is built right before its tiles read it, so it is still in L2:
     # built for a whole unit up front it cost 5% of the bf16 time, four times its cost in cache.
     group = b_tile * max(1, U_PRIME_GROUP // b_tile)
     for g0 in range(0, s_total, group):
         g1 = min(s_total, g0 + group)
-        u = u_prime(plan, v_flat[g0:g1])
-        for s0 in range(g0, g1, b_tile):
-            s1 = min(g1, s0 + b_tile)
-            nb = s1 - s0
-            u_b = u[(s0 - g0) * h : (s1 - g0) * h]
-            bias_b = bias[s0:s1].view(-1)
-            for p0 in range(0, n_p, p_tile):
-                p1 = min(n_p, p0 + p_tile)
+        u_tiles = u_prime(plan, v_flat[g0:g1]).split(b_tile * h)
+        bias_tiles = bias[g0:g1].view(-1).split(b_tile * h)
+        for i, (u_b, bias_b) in enumerate(zip(u_tiles, bias_tiles)):
+            s0 = g0 + i * b_tile
+            if b_tile > 1:
+                targets = (tiles[s0 // b_tile, : n_p * (u_b.shape[0] // h)],)
+            else:
+                targets = out[s0].split(p_tile)
+            for e_c, target in zip(e_chunks, targets):
                 # [Pc, K'] x [K', B*H] -> [Pc, B*H] == [Pc*B, H] row-major: rows ordered (product, customer).
-                x = linear(plan.e[p0:p1], u_b, bias_b, relu=True, onednn=plan.onednn)
-                x = x.view((p1 - p0) * nb, -1)
+                x = linear(e_c, u_b, bias_b, relu=True, onednn=plan.onednn)
                 for w, b in plan.middle:
-                    x = linear(x, w, b, relu=True, onednn=plan.onednn)
-                out[s0:s1, p0:p1] = torch.mv(x, plan.last_w).view(p1 - p0, nb).T
+                    x = linear(x.view(-1, w.shape[1]), w, b, relu=True, onednn=plan.onednn)
+                torch.mv(x.view(-1, plan.last_w.shape[0]), plan.last_w, out=target)
+    if b_tile > 1:
+        full = s_total // b_tile * b_tile
+        out[:full] = tiles[: full // b_tile].view(-1, n_p, b_tile).transpose(1, 2).reshape(full, n_p)
+        if full < s_total:
+            out[full:] = tiles[-1, : n_p * (s_total - full)].view(n_p, -1).T
     return out
 
 
@@ -350,18 +381,37 @@ def _apply_exclusions(logits: torch.Tensor, ex: Exclusions, start: int, stop: in
     logits[block_rows, ex.values[lo:hi].to(logits.device)] = float("-inf")
 
 
-class _ThreadsPerWorker:
-    """Run torch kernels single-threaded in pool workers; restore the caller's setting afterwards."""
+@functools.cache
+def keep_freed_memory_mapped() -> bool:
+    """Stop glibc from handing freed heap memory back to the kernel while scoring runs.
 
-    def __init__(self) -> None:
-        self.saved = torch.get_num_threads()
+    Each tile allocates and frees ~6 MiB of intermediates (oneDNN ops have no `out=`). In worker
+    threads glibc's per-thread heaps trim such frees back to the kernel and fault the pages in again on
+    the next tile: 150k page faults and +25% CPU time for 8M fp32 pairs. Setting the thresholds
+    (to the values glibc's own dynamic thresholds grow to, 32 MiB mmap / 128 MiB trim) stops that; it
+    is process-wide and lasts, and costs at most 128 MiB of freed memory kept per heap.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 128 << 20))
 
-    @staticmethod
-    def init_worker() -> None:
-        torch.set_num_threads(1)  # per OS thread for OpenMP (and the pool threads do nothing else)
 
-    def restore(self) -> None:
-        torch.set_num_threads(self.saved)
+@contextmanager
+def single_threaded_kernels(enabled: bool = True):
+    """torch.set_num_threads(1) for the block, restored after. With worker threads each running its
+    own kernels, the caller's small preparatory ops must not open 2-thread OpenMP regions either:
+    on a machine whose other core is busy each region waits for it (measured: 0.17 s instead of
+    5 ms to prepare 2k products, 14% of scoring 4k customers)."""
+    saved = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_num_threads(saved)
 
 
 def _units(n: int, num_products: int, pairs_per_tile: int, pairs_per_unit: int) -> list[tuple[int, int]]:
@@ -371,18 +421,18 @@ def _units(n: int, num_products: int, pairs_per_tile: int, pairs_per_unit: int) 
 
 
 def run_units(units: list[tuple[int, int]], work, workers: int) -> None:
-    """Call work(start, stop) for every unit: inline (the kernels use torch's own threads) when
-    workers <= 1, else on `workers` threads each running single-threaded kernels."""
+    """Call work(start, stop) for every unit: inline when workers <= 1, else on `workers` threads
+    that take the next unit when done with one (call it under `single_threaded_kernels`)."""
     if workers <= 1:
         with torch.inference_mode():
             for start, stop in units:
                 work(start, stop)
         return
-    threads = _ThreadsPerWorker()
     lock, queue = threading.Lock(), list(reversed(units))
 
     def worker() -> None:
-        with torch.inference_mode():  # grad mode is per thread
+        torch.set_num_threads(1)  # OpenMP's thread count is per OS thread
+        with torch.inference_mode():  # and so is grad mode
             while True:
                 with lock:
                     if not queue:
@@ -390,12 +440,9 @@ def run_units(units: list[tuple[int, int]], work, workers: int) -> None:
                     start, stop = queue.pop()
                 work(start, stop)
 
-    try:
-        with ThreadPoolExecutor(workers, initializer=threads.init_worker) as pool:
-            for fut in [pool.submit(worker) for _ in range(workers)]:
-                fut.result()
-    finally:
-        threads.restore()
+    with ThreadPoolExecutor(workers) as pool:
+        for fut in [pool.submit(worker) for _ in range(workers)]:
+            fut.result()
 
 
 def default_workers(device: torch.device) -> int:
@@ -425,6 +472,21 @@ def score_all_pairs(
     `workers`: threads, each running single-threaded kernels (default: torch.get_num_threads() on CPU,
     1 elsewhere); 1 runs inline with torch's own intra-op threads.
     """
+    device = plan.e.device if plan is not None else next(model.parameters()).device
+    workers = workers or default_workers(device)
+    if device.type == "cpu":
+        keep_freed_memory_mapped()
+    with single_threaded_kernels(workers > 1):
+        return _score_all_pairs(
+            model, customers, products, top_n, exclusions, unavailable, dtype, customer_rows, pairs_per_tile,
+            pairs_per_unit, workers, plan,
+        )
+
+
+def _score_all_pairs(
+    model, customers, products, top_n, exclusions, unavailable, dtype, customer_rows, pairs_per_tile,
+    pairs_per_unit, workers, plan,
+) -> TopN:
     plan = plan or plan_scoring(model, products, dtype=dtype, unavailable=unavailable)
     device = plan.e.device
     rows_all = customer_rows if customer_rows is not None else torch.arange(customers.num_rows, device=device)
@@ -433,20 +495,20 @@ def score_all_pairs(
     n_p = plan.num_scored
     k = min(top_n, n_p)
     out_rows = torch.empty((n, k), dtype=torch.long)
-    out_logits = torch.empty((n, k), dtype=torch.float32)
+    out_scores = torch.empty((n, k), dtype=torch.float32)
 
     def work(start: int, stop: int) -> None:
         bias, v_flat = customer_factors(plan, customers, rows_all[start:stop])
-        logits = unit_logits(plan, bias, v_flat, torch.empty((stop - start, n_p), device=device), pairs_per_tile)
+        logits = unit_logits(plan, bias, v_flat, pairs_per_tile)
         _apply_exclusions(logits, ex, start, stop)
         values, columns = top_k_rows(logits, k)
-        out_rows[start:stop] = plan.product_rows[columns].cpu()
-        out_logits[start:stop] = values.cpu()
+        unfilled = values == float("-inf")
+        out_rows[start:stop] = plan.product_rows[columns].masked_fill_(unfilled, -1).cpu()
+        scores = torch.sigmoid_(values.float().add_(plan.last_b)).masked_fill_(unfilled, float("nan"))
+        out_scores[start:stop] = scores.cpu()
 
-    run_units(_units(n, n_p, pairs_per_tile, pairs_per_unit), work, workers or default_workers(device))
-    unfilled = out_logits == float("-inf")
-    scores = torch.sigmoid_(out_logits.add_(plan.last_b))
-    return TopN(product_rows=out_rows.masked_fill_(unfilled, -1), scores=scores.masked_fill_(unfilled, float("nan")))
+    run_units(_units(n, n_p, pairs_per_tile, pairs_per_unit), work, workers)
+    return TopN(product_rows=out_rows, scores=out_scores)
 
 
 @torch.inference_mode()
@@ -462,8 +524,7 @@ def pair_logits(
     """Logits [len(customer_rows), P] of every pair through the scorer's path (for checks and benchmarks)."""
     plan = plan_scoring(model, products, dtype=dtype)
     bias, v_flat = customer_factors(plan, customers, customer_rows)
-    out = torch.empty((customer_rows.numel(), plan.num_scored), device=plan.e.device)
-    return unit_logits(plan, bias, v_flat, out, pairs_per_tile) + plan.last_b
+    return unit_logits(plan, bias, v_flat, pairs_per_tile).float() + plan.last_b
 
 
 @torch.no_grad()

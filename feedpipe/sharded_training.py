@@ -20,6 +20,7 @@ which returns a plain `TwoSidedDLRM`: the checkpoint is the one-process `Trained
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import polars as pl
@@ -30,7 +31,9 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchmetrics.functional.classification import binary_auroc
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -105,10 +108,19 @@ class ShardedTraining:
             for ebc in tables
             for t in ebc.embedding_bag_configs()
         }
+        topology = TopologyFactory.create_topology(
+            trainer_config=TrainerConfig(
+                world_size=self.world_size, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            ),
+            kernel_config=KernelConfig(compute_device=device.type),
+        )
         planner = EmbeddingShardingPlanner(
-            topology=Topology(world_size=self.world_size, compute_device=device.type),
+            topology=topology,
             batch_size=math.ceil(config.batch_size / self.world_size),
             constraints=constraints,
+            # Keep 15% of each rank's memory for everything but the tables (the planner's own
+            # heuristic guesses the dense part from a dry run and warns that it over-estimates).
+            storage_reservation=FixedPercentageStorageReservation(0.15),
         )
         self.plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
         dmp = DistributedModelParallel(model, device=device, plan=self.plan, sharders=sharders)
@@ -126,11 +138,9 @@ class ShardedTraining:
             kwargs = {"lr": config.embedding_learning_rate, "weight_decay": config.embedding_weight_decay, "eps": 1e-10}
             return RowWiseAdagrad, kwargs
         if config.optimizer == "sgd":
-            # Each rank's loss is a mean over its own rows; a table's gradient is the SUM over ranks
-            # of those (the all-to-all in backward adds them), world_size times the gradient of the
-            # global mean, while DDP averages the dense gradients. Adagrad and Adam do not care about
-            # the scale; SGD does, so the table's step is scaled back here.
-            return torch.optim.SGD, {"lr": config.learning_rate / self.world_size}
+            # No rescaling: a table's gradient comes out as the gradient of the mean over all ranks'
+            # rows, as DDP's averaged dense gradients do (pinned by test_distributed_training).
+            return torch.optim.SGD, {"lr": config.learning_rate}
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
 
     def plan_summary(self) -> dict[str, str]:

@@ -16,6 +16,7 @@ from feedpipe.training_examples import ExampleConfig, attach_features, build_tra
 from feedpipe.vocabularies import build_vocabularies, encode_table, side_specs
 
 FEED_DATE = date(2026, 3, 31)
+ROOT = Path(__file__).resolve().parent.parent  # torchrun -m finds feedpipe_tests from here
 
 
 def write_demo_inputs(directory: Path, customers: int, products: int, validation_days: int = 14, seed: int = 1) -> dict:
@@ -47,14 +48,17 @@ def write_demo_inputs(directory: Path, customers: int, products: int, validation
     return paths
 
 
-def run_ranks(job_args: list[str], ranks: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node ranks -m feedpipe.distributed_jobs --device cpu ...` (gloo), one
-    OpenMP thread per rank: CI has 2 cores, and more threads than cores stalls every collective."""
+def run_ranks(
+    args: list[str], ranks: int = 2, timeout: int = 240, entry: str | None = "feedpipe.distributed_jobs"
+) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node ranks -m feedpipe.distributed_jobs --device cpu ARGS` (gloo), or
+    `torchrun ... ARGS` with entry=None; one OpenMP thread per rank: CI has 2 cores, and more
+    threads than cores stalls every collective."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DAGSTER_PIPES_CONTEXT", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "feedpipe.distributed_jobs", "--device", "cpu", *job_args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    cmd += ["-m", entry, "--device", "cpu", *args] if entry else args
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 

@@ -48,6 +48,17 @@ def test_each_rank_reads_a_disjoint_share_and_together_they_read_every_row(input
     assert pl.concat(shares).sort(pl.all()).equals(whole.sort(pl.all()))
 
 
+def test_one_sharded_step_equals_one_process_step_on_the_union_of_the_ranks_batches(tmp_path):
+    out = tmp_path / "step.json"
+    run_ranks(["-m", "feedpipe_tests.sharded_step_check", str(out)], entry=None)
+    result = json.loads(out.read_text())
+    assert len(result["plan"]) == 4 and all(v.startswith("table_wise") for v in result["plan"].values())
+    assert all(moved > 0 for moved in result["moved"].values())  # every parameter took a step
+    # Tables (fused SGD in backward, after the all-to-all) and arches (DDP-averaged, then SGD) both
+    # move as one process moves on the concatenated batch: no rescaling by the number of ranks.
+    assert max(result["diffs"].values()) < 1e-6, result["diffs"]
+
+
 def test_two_ranks_shard_every_table_and_reach_the_one_process_auc(two_ranks, validation):
     _, summary = two_ranks
     vocab, (train, valid) = validation

@@ -80,3 +80,32 @@ def test_an_unknown_launcher_mode_fails_with_the_modes_it_knows(tmp_path):
     launcher = LauncherResource(artifacts=build_resources(artifacts_root=str(tmp_path))["artifacts"], mode="slurm")
     with pytest.raises(dg.Failure, match="in_process"):
         launcher.resolved_mode()
+
+
+def test_the_kubernetes_pod_asks_for_gpus_mounts_the_artifacts_and_gives_ranks_their_cores(tmp_path):
+    artifacts = build_resources(artifacts_root=str(tmp_path / "artifacts"))["artifacts"]
+    launcher = LauncherResource(artifacts=artifacts, mode="kubernetes", nproc_per_node=4, gpus_per_pod=4,
+                                cpu_request="32", memory_request="200Gi", artifacts_claim="feedpipe-artifacts")
+    spec = launcher.pod_spec()
+    (container,) = spec["containers"]
+    assert container["resources"]["limits"] == {"memory": "200Gi", "nvidia.com/gpu": "4"}
+    assert {"name": "artifacts", "mountPath": str(tmp_path / "artifacts")} in container["volumeMounts"]
+    assert {"name": "artifacts", "persistentVolumeClaim": {"claimName": "feedpipe-artifacts"}} in spec["volumes"]
+    assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert launcher.rank_env_for_pod() == {"OMP_NUM_THREADS": "8"}
+    command = launcher.torchrun_command(["train"], "cuda", python="python")
+    assert command[:5] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert command[-3:] == ["--device", "cuda", "train"]
+
+
+def test_kubernetes_mode_without_dagster_k8s_names_the_package_to_install(tmp_path):
+    pytest.importorskip("dagster")
+    try:
+        import dagster_k8s  # noqa: F401
+
+        pytest.skip("dagster-k8s is installed here")
+    except ImportError:
+        pass
+    launcher = LauncherResource(artifacts=build_resources(artifacts_root=str(tmp_path))["artifacts"], mode="kubernetes")
+    with pytest.raises(dg.Failure, match=r"pip install dagster-k8s==0\.29\.27"):
+        launcher._run_pod(None, ["train"], "auto")

@@ -73,14 +73,14 @@ class LauncherResource(dg.ConfigurableResource):
 
     artifacts: ArtifactsResource
     mode: str = Field(default="", description=f"One of {LAUNCH_MODES}; empty: ${LAUNCHER_ENV}, else in_process.")
-    nproc_per_node: int = Field(default=2, description="torchrun ranks: per machine (torchrun) or per pod (kubernetes). One per GPU on GPU nodes.")
+    nproc_per_node: int = Field(default=0, description="torchrun ranks per machine (torchrun) or pod (kubernetes), one per GPU on GPU nodes; 0: $FEEDPIPE_NPROC_PER_NODE, else 2.")
     threads_per_rank: int = Field(default=0, description="OMP_NUM_THREADS per rank; 0: CPU cores / ranks.")
-    image: str = Field(default="", description="kubernetes: image with feedpipe installed (deploy/Dockerfile.cpu or .cuda).")
+    image: str = Field(default="", description="kubernetes: image of the pod (deploy/Dockerfile.cuda or .cpu); empty: $FEEDPIPE_K8S_GPU_IMAGE.")
     namespace: str = Field(default="", description="kubernetes: namespace of the pod; empty: the current one.")
-    gpus_per_pod: int = Field(default=0, description="kubernetes: nvidia.com/gpu requested by the pod.")
+    gpus_per_pod: int = Field(default=-1, description="kubernetes: nvidia.com/gpu requested by the pod; -1: $FEEDPIPE_K8S_POD_GPUS, else 0.")
     cpu_request: str = Field(default="4", description="kubernetes: CPU request of the pod.")
     memory_request: str = Field(default="16Gi", description="kubernetes: memory request (and limit) of the pod; see deploy/capacity.md.")
-    artifacts_claim: str = Field(default="", description="kubernetes: PersistentVolumeClaim holding the artifacts root, mounted at the same path.")
+    artifacts_claim: str = Field(default="", description="kubernetes: PersistentVolumeClaim holding the artifacts root, mounted at the same path; empty: $FEEDPIPE_K8S_ARTIFACTS_CLAIM.")
 
     def resolved_mode(self) -> str:
         mode = self.mode or os.environ.get(LAUNCHER_ENV, "") or IN_PROCESS
@@ -91,6 +91,24 @@ class LauncherResource(dg.ConfigurableResource):
     @property
     def in_process(self) -> bool:
         return self.resolved_mode() == IN_PROCESS
+
+    # Unset fields fall back to the environment, as DataResource's do: a deployment sets them once
+    # on the code location (deploy/helm/values.yaml); a resource built in code sets them directly.
+    @property
+    def ranks(self) -> int:
+        return self.nproc_per_node or int(os.environ.get("FEEDPIPE_NPROC_PER_NODE", "2"))
+
+    @property
+    def pod_image(self) -> str:
+        return self.image or os.environ.get("FEEDPIPE_K8S_GPU_IMAGE", "")
+
+    @property
+    def pod_artifacts_claim(self) -> str:
+        return self.artifacts_claim or os.environ.get("FEEDPIPE_K8S_ARTIFACTS_CLAIM", "")
+
+    @property
+    def pod_gpus(self) -> int:
+        return self.gpus_per_pod if self.gpus_per_pod >= 0 else int(os.environ.get("FEEDPIPE_K8S_POD_GPUS", "0"))
 
     # -- the jobs --------------------------------------------------------------------------------
     def train(
@@ -166,12 +184,12 @@ class LauncherResource(dg.ConfigurableResource):
     def torchrun_command(self, job_args: list[str], device: str = "auto", python: str = sys.executable) -> list[str]:
         rank_device = "cuda" if device.startswith("cuda") else device  # each rank picks cuda:LOCAL_RANK
         return [
-            python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc_per_node}",
+            python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.ranks}",
             "-m", ENTRY_MODULE, "--device", rank_device, *job_args,
         ]
 
     def rank_env(self) -> dict[str, str]:
-        threads = self.threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, self.nproc_per_node))
+        threads = self.threads_per_rank or max(1, (os.cpu_count() or 1) // self.ranks)
         return {"OMP_NUM_THREADS": str(threads)}
 
     def _scratch(self, context: dg.AssetExecutionContext) -> Path:
@@ -182,7 +200,7 @@ class LauncherResource(dg.ConfigurableResource):
 
     def _launch(self, context: dg.AssetExecutionContext, job_args: list[str], summary_file: Path, device: str) -> dict:
         mode = self.resolved_mode()
-        context.log.info(f"{job_args[0]}: {mode}, {self.nproc_per_node} ranks")
+        context.log.info(f"{job_args[0]}: {mode}, {self.ranks} ranks")
         if mode == TORCHRUN:
             invocation = dg.PipesSubprocessClient(env=self.rank_env()).run(
                 context=context, command=self.torchrun_command(job_args, device)
@@ -204,11 +222,14 @@ class LauncherResource(dg.ConfigurableResource):
             from dagster_k8s import PipesK8sClient
         except ImportError as e:
             raise dg.Failure("launcher mode 'kubernetes' needs dagster-k8s: pip install dagster-k8s==0.29.27") from e
-        if not self.image:
-            raise dg.Failure("launcher mode 'kubernetes' needs the resource's image (see deploy/Dockerfile.cpu, .cuda)")
+        if not self.pod_image:
+            raise dg.Failure(
+                "launcher mode 'kubernetes' needs an image: the resource's image or $FEEDPIPE_K8S_GPU_IMAGE "
+                "(built from deploy/Dockerfile.cuda or .cpu)"
+            )
         return PipesK8sClient().run(
             context=context,
-            image=self.image,
+            image=self.pod_image,
             command=self.torchrun_command(job_args, device, python="python"),
             namespace=self.namespace or None,
             env=self.rank_env_for_pod(),
@@ -218,7 +239,7 @@ class LauncherResource(dg.ConfigurableResource):
     def rank_env_for_pod(self) -> dict[str, str]:
         cpu = self.cpu_request
         cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)  # Kubernetes CPU quantity
-        threads = self.threads_per_rank or max(1, int(cores) // max(1, self.nproc_per_node))
+        threads = self.threads_per_rank or max(1, int(cores) // self.ranks)
         return {"OMP_NUM_THREADS": str(threads)}
 
     def pod_spec(self) -> dict:
@@ -227,19 +248,19 @@ class LauncherResource(dg.ConfigurableResource):
             "requests": {"cpu": self.cpu_request, "memory": self.memory_request},
             "limits": {"memory": self.memory_request},
         }
-        if self.gpus_per_pod:
-            resources["requests"]["nvidia.com/gpu"] = str(self.gpus_per_pod)
-            resources["limits"]["nvidia.com/gpu"] = str(self.gpus_per_pod)
+        if self.pod_gpus:
+            resources["requests"]["nvidia.com/gpu"] = str(self.pod_gpus)
+            resources["limits"]["nvidia.com/gpu"] = str(self.pod_gpus)
         mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]  # NCCL and torch workers use shared memory
         volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-        if self.artifacts_claim:
+        if self.pod_artifacts_claim:
             root = str(self.artifacts.path())
             mounts.append({"name": "artifacts", "mountPath": root})
-            volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": self.artifacts_claim}})
+            volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": self.pod_artifacts_claim}})
         spec = {
             "containers": [{"resources": resources, "volumeMounts": mounts}],
             "volumes": volumes,
         }
-        if self.gpus_per_pod:
+        if self.pod_gpus:
             spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         return spec
