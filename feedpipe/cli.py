@@ -134,6 +134,11 @@ def cmd_run(args) -> int:
 
     from feedpipe.definitions import defs
 
+    from feedpipe.defs.partitions import feed_date_partitions
+
+    if not feed_date_partitions.has_partition_key(feed_date.isoformat()):
+        print(f"feedpipe: {feed_date} is outside the feed-date partitions (from {feed_date_partitions.start:%Y-%m-%d} to today)", file=sys.stderr)
+        return 2
     instance = dg.DagsterInstance.get()
     job = defs.resolve_job_def("nightly_feed")
     print(f"feedpipe run: feed date {feed_date}, data {data_dir}, database {redact_url(url)}")

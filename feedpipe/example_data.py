@@ -20,7 +20,6 @@ MOVIELENS_RUN_CONFIG = """\
 # MovieLens: twenty years of ratings, so a long window and a 120-day holdout.
 ops:
   training_examples: {config: {window_days: 9000, validation_days: 120}}
-  pair_scores: {config: {exclude_window_days: 9000}}
   dlrm_model: {config: {min_validation_auc: 0.55}}
 """
 

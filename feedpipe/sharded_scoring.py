@@ -6,7 +6,8 @@ and rank 0 concatenates the parts in rank order: the merged frame is the one-pro
 bit (tested). That needs the ranges to start on the scorer's work-unit boundaries: the scorer runs
 its GEMMs per unit of customers, and oneDNN's blocking over a unit's rows makes a score depend in
 its last bit on where the customer sits in the unit (measured: 3 of 7,475 scores moved by 3e-8
-with ranges cut elsewhere). A unit is ~0.1 s of work, so whole units balance ranks well enough.
+with ranges cut elsewhere). A unit is a fraction of a second of work, so whole units balance ranks
+well enough.
 
 Ranks do not talk while scoring (each holds the whole model, which is small next to the pairs);
 the only collective is the barrier before the merge, so a rank on a slower machine delays the merge

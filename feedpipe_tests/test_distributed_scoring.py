@@ -4,8 +4,9 @@ import polars as pl
 import pytest
 
 from feedpipe.process_group import split_range
-from feedpipe.sharded_scoring import customer_range, customers_per_unit
 from feedpipe.ranking import model_ranking
+from feedpipe.scoring import DEFAULT_PAIRS_PER_TILE, tile_shape
+from feedpipe.sharded_scoring import customer_range, customers_per_unit
 from feedpipe.training import TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
 from feedpipe.training_examples import purchased_pairs
 from feedpipe.vocabularies import Vocabularies
@@ -15,15 +16,17 @@ from feedpipe_tests.distributed_fixtures import read_summary, run_ranks, write_d
 @pytest.fixture(scope="module")
 def scoring_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist_score")
-    # 2,000 products: the scorer's unit is 260 customers, so 599 customers are 3 units, 2 + 1 over 2 ranks.
-    paths = write_demo_inputs(d, customers=600, products=2000, seed=4)
+    # 2,000 products: the scorer's unit is a few hundred customers (524 at its current defaults), so
+    # 1,200 customers are enough for both ranks to get whole units (see the test below).
+    paths = write_demo_inputs(d, customers=1200, products=2000, seed=4)
     vocab = Vocabularies.load(paths["vocabularies"])
     cfg = TrainConfig(epochs=1, batch_size=1024)
     train, valid = split_examples(pl.read_parquet(paths["examples"]), vocab.customer_specs, vocab.product_specs)
     model = train_dlrm(train, valid, model_shape(vocab.customer_specs, vocab.product_specs, vocab, cfg), cfg).model
     trained = TrainedModel(model, vocab.customer_specs, vocab.product_specs, vocab, "v1")
     trained.save(d / "model")
-    customers = pl.read_parquet(paths["customers"]).head(599)
+    n = min(1200, 2 * customers_per_unit(2000) + 79)  # 2 units and a part: ranges of 2 units and 1
+    customers = pl.read_parquet(paths["customers"]).head(n)
     customers.write_parquet(paths["customers"])
     exclude = purchased_pairs(pl.read_parquet(paths["transactions"]))
     exclude.write_parquet(d / "exclude.parquet")
@@ -41,15 +44,17 @@ def test_customer_ranges_are_contiguous_cover_everyone_and_differ_by_at_most_one
 
 def test_rank_ranges_are_whole_scorer_units_and_cover_every_customer():
     per_unit = customers_per_unit(2000)
-    assert per_unit == 260
-    ranges = [customer_range(599, 2000, 2, r) for r in range(2)]
-    assert ranges == [(0, 520), (520, 599)]
+    assert per_unit % tile_shape(2000, DEFAULT_PAIRS_PER_TILE)[0] == 0 and per_unit < 600
+    n = 2 * per_unit + 79
+    assert [customer_range(n, 2000, 2, r) for r in range(2)] == [(0, 2 * per_unit), (2 * per_unit, n)]
+    assert [customer_range(n, 2000, 3, r) for r in range(3)] == [(0, per_unit), (per_unit, 2 * per_unit), (2 * per_unit, n)]
     assert [customer_range(10, 2000, 3, r) for r in range(3)] == [(0, 10), (10, 10), (10, 10)]
 
 
 def test_two_rank_scoring_merges_to_the_one_process_ranking_row_for_row(scoring_inputs):
     d, paths, trained, customers, exclude = scoring_inputs
     products = pl.read_parquet(paths["products"])
+    assert customer_range(customers.height, products.height, 2, 1)[0] < customers.height  # rank 1 has customers
     expected = model_ranking(trained, customers, products, top_n=25, exclude=exclude)
     out = d / "ranking.parquet"
     run_ranks(["score", "--model", str(d / "model"), "--customers", str(paths["customers"]),
@@ -58,6 +63,6 @@ def test_two_rank_scoring_merges_to_the_one_process_ranking_row_for_row(scoring_
     got = pl.read_parquet(out)
     assert got.equals(expected)  # same rows, same order, same scores to the bit
     summary = read_summary(d / "ranking.summary.json")
-    assert summary["ranks"] == 2 and summary["pairs_scored"] == 599 * products.height
+    assert summary["ranks"] == 2 and summary["pairs_scored"] == customers.height * products.height
     assert summary["rows"] == expected.height and len(summary["rank_seconds"]) == 2
     assert not (d / "ranking.parts").exists() or not any((d / "ranking.parts").iterdir())

@@ -1,11 +1,11 @@
 """The launcher switch: dlrm_model and pair_scores run under torchrun through Dagster Pipes (2 ranks,
 gloo), report their metadata back to the asset, and give what the in-process assets give."""
 
+import importlib.util
 import json
 from datetime import date
 
 import dagster as dg
-import polars as pl
 import pytest
 
 from feedpipe.definitions import build_resources, defs
@@ -98,14 +98,8 @@ def test_the_kubernetes_pod_asks_for_gpus_mounts_the_artifacts_and_gives_ranks_t
     assert command[-3:] == ["--device", "cuda", "train"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("dagster_k8s") is not None, reason="dagster-k8s is installed here")
 def test_kubernetes_mode_without_dagster_k8s_names_the_package_to_install(tmp_path):
-    pytest.importorskip("dagster")
-    try:
-        import dagster_k8s  # noqa: F401
-
-        pytest.skip("dagster-k8s is installed here")
-    except ImportError:
-        pass
     launcher = LauncherResource(artifacts=build_resources(artifacts_root=str(tmp_path))["artifacts"], mode="kubernetes")
     with pytest.raises(dg.Failure, match=r"pip install dagster-k8s==0\.29\.27"):
         launcher._run_pod(None, ["train"], "auto")

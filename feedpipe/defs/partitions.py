@@ -3,4 +3,4 @@ builds today's feed from every transaction before today."""
 
 import dagster as dg
 
-feed_date_partitions = dg.DailyPartitionsDefinition(start_date="2024-01-01", end_offset=1)
+feed_date_partitions = dg.DailyPartitionsDefinition(start_date="2000-01-01", end_offset=1)
