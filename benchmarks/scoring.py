@@ -41,17 +41,14 @@ from feedpipe.scoring import (  # noqa: E402
     DEFAULT_PAIRS_PER_TILE,
     DEFAULT_PAIRS_PER_UNIT,
     Exclusions,
-    _units,
-    default_workers,
+    customer_units,
     forward_pairs,
-    linear,
     pair_logits,
     plan_scoring,
-    run_units,
     score_all_pairs,
-    single_threaded_kernels,
     tile_shape,
 )
+from feedpipe.scoring_runtime import default_workers, linear, run_units, single_threaded_kernels  # noqa: E402
 from feedpipe.training import TrainConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -149,7 +146,7 @@ def roofline(model, products, dtype, n_customers, pairs_per_tile, workers, kerne
     layers = [layer for layer in model.over_arch.modules() if isinstance(layer, torch.nn.Linear)][1:]
     ws = [layer.weight.detach().to(dtype).contiguous() for layer in layers]
     onednn = kernel == "onednn"
-    units = _units(n_customers, n_p, pairs_per_tile, DEFAULT_PAIRS_PER_UNIT)
+    units = customer_units(n_customers, n_p, pairs_per_tile, DEFAULT_PAIRS_PER_UNIT)
 
     def mm(x, w):
         return linear(x, w, None, relu=False, onednn=True) if onednn else torch.mm(x, w.T)
@@ -195,6 +192,15 @@ def timed(fn) -> tuple[float, float]:
 # -- modes ----------------------------------------------------------------------------------------
 
 
+def rss_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process. Not getrusage's ru_maxrss: Linux carries that over
+    execve, so a child started by a 700 MB parent reports at least 700 MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def rss_probe(args) -> dict:
     """One scoring run in this process: peak RSS, and what it held before scoring and in its result."""
     if args.checkpoint:
@@ -202,12 +208,12 @@ def rss_probe(args) -> dict:
     else:
         model, customers, products = demo_like(args.customers, args.products, args.init)
     ex = random_exclusions(args.customers, args.products, args.exclude, torch.Generator().manual_seed(2))
-    before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = rss_bytes("VmRSS")
+    peak_before = rss_bytes("VmHWM")
     t = time.perf_counter()
     top = score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=DTYPES[args.dtype])
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = rss_bytes("VmHWM")
     result = top.product_rows.nbytes + top.scores.nbytes
     mb = 1 << 20
     return {
@@ -235,6 +241,48 @@ def memory_sweep(args) -> list[dict]:
     return out
 
 
+def asset_against_projection(args) -> dict:
+    """pair_scores materialized from stored artifacts (its Dagster step: inputs loaded, ranked,
+    checked, Parquet written) against this benchmark's scorer on as many pairs, interleaved."""
+    import dagster as dg
+    import polars as pl
+
+    from feedpipe.definitions import build_resources, defs
+
+    root = Path(args.asset_artifacts)
+    n_c = pl.scan_parquet(root / "customers" / f"{args.feed_date}.parquet").select(pl.len()).collect().item()
+    n_p = pl.scan_parquet(root / "products" / f"{args.feed_date}.parquet").select(pl.len()).collect().item()
+    model, customers, products = demo_like(n_c, n_p, args.init)
+    ex = random_exclusions(n_c, n_p, args.exclude, torch.Generator().manual_seed(2))
+
+    def scorer():
+        score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=DTYPES[args.dtype])
+
+    resources = build_resources(artifacts_root=str(root))
+    instance = dg.DagsterInstance.ephemeral()
+    run_config = {"ops": {"pair_scores": {"config": {"dtype": args.dtype, "top_n": args.top_n}}}}
+    scorer()
+    rounds = []
+    for _ in range(args.repeats):
+        result = dg.materialize(list(defs.assets), selection=["pair_scores"], partition_key=args.feed_date,
+                                resources=resources, instance=instance, run_config=run_config)
+        step = next(s for s in instance.get_run_step_stats(result.run_id) if s.step_key == "pair_scores")
+        meta = result.asset_materializations_for_node("pair_scores")[0].metadata
+        projected, _ = timed(scorer)
+        rounds.append({"step_s": step.end_time - step.start_time, "asset_scoring_s": meta["scoring_seconds"].value,
+                       "projected_s": projected})
+        log(f"pair_scores: {rounds[-1]}")
+    step_s = statistics.median(r["step_s"] for r in rounds)
+    projected_s = statistics.median(r["projected_s"] for r in rounds)
+    return {
+        "pairs": n_c * n_p,
+        "step_seconds": round(step_s, 2),
+        "asset_scoring_seconds": round(statistics.median(r["asset_scoring_s"] for r in rounds), 2),
+        "projected_seconds": round(projected_s, 2),
+        "step_over_projection": round(statistics.median(r["step_s"] / r["projected_s"] for r in rounds), 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -254,6 +302,9 @@ def main() -> None:
                     "model (random tables of its vocabularies) instead of a random one")
     ap.add_argument("--memory-sweep", default="", help="comma-separated customer counts: peak RSS per count, "
                     "each in a fresh subprocess")
+    ap.add_argument("--asset-artifacts", default="", help="an artifacts root holding a run's dlrm_model, "
+                    "customers, products, transactions: also time pair_scores against the projection")
+    ap.add_argument("--feed-date", default="", help="the partition of --asset-artifacts")
     ap.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -372,6 +423,8 @@ def main() -> None:
     }
     if args.memory_sweep:
         result["memory"] = memory_sweep(args)
+    if args.asset_artifacts:
+        result["pair_scores_asset"] = asset_against_projection(args)
     print(json.dumps(result))
 
 

@@ -17,9 +17,9 @@ import polars as pl
 from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS, TRANSACTIONS, TS
 
 MOVIELENS_RUN_CONFIG = """\
-# MovieLens: twenty years of ratings, so a long window and a 120-day holdout.
+# MovieLens: twenty years of ratings and few returning users, so a long window and a 365-day holdout.
 ops:
-  training_examples: {config: {window_days: 9000, validation_days: 120}}
+  training_examples: {config: {window_days: 9000, validation_days: 365}}
   dlrm_model: {config: {min_validation_auc: 0.55}}
 """
 

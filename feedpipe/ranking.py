@@ -14,7 +14,7 @@ import torch
 
 from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
 from feedpipe.feature_tensors import side_tensors
-from feedpipe.scoring import DEFAULT_PAIRS_PER_TILE, Exclusions, score_all_pairs
+from feedpipe.scoring import Exclusions, pair_logits, score_all_pairs
 from feedpipe.training import TrainedModel
 from feedpipe.vocabularies import encode_table
 
@@ -71,7 +71,7 @@ def model_ranking(
     exclude: pl.DataFrame | None = None,
     unavailable: pl.Series | None = None,
     dtype: torch.dtype = torch.float32,
-    pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
+    pairs_per_tile: int | None = None,
     timings: dict[str, float] | None = None,
 ) -> pl.DataFrame:
     """The model's top-N over the whole product table for every customer in `customers`.
@@ -110,6 +110,36 @@ def model_ranking(
         t4 = time.perf_counter()
         timings.update(encode_s=t1 - t0, exclusions_s=t2 - t1, scoring_s=t3 - t2, frame_s=t4 - t3)
     return frame
+
+
+def top_k_overlap(
+    trained: TrainedModel,
+    customers: pl.DataFrame,
+    products: pl.DataFrame,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    k: int = 20,
+    sample: int = 256,
+    seed: int = 0,
+) -> float:
+    """Mean share of the fp32 top k that `dtype` also ranks in its top k, over a sample of customers.
+
+    How far bf16 can be trusted depends on the model (how far apart its scores are), so pair_scores
+    measures it on the model it serves rather than quoting a benchmark's random model.
+    """
+    customers = customers.sample(min(sample, customers.height), seed=seed) if customers.height > sample else customers
+    enc_c = encode_table(customers, CUSTOMER_ID, trained.customer_specs, trained.vocabularies)
+    enc_p = encode_table(products, PRODUCT_ID, trained.product_specs, trained.vocabularies)
+    device = next(trained.model.parameters()).device
+    c_side = side_tensors(enc_c, trained.customer_specs).to(device)
+    p_side = side_tensors(enc_p, trained.product_specs).to(device)
+    rows = torch.arange(enc_c.height, device=device)
+    k = min(k, enc_p.height)
+    if k == 0 or not enc_c.height:
+        return 1.0
+    ref = torch.topk(pair_logits(trained.model, c_side, p_side, rows), k, dim=1).indices
+    got = torch.topk(pair_logits(trained.model, c_side, p_side, rows, dtype=dtype), k, dim=1).indices
+    return float((ref.unsqueeze(2) == got.unsqueeze(1)).any(dim=2).float().mean())
 
 
 def popularity_ranking(

@@ -27,21 +27,12 @@ process on a shared machine slows one worker instead of stalling both. Top-N is 
 `torch.topk`, exclusions are scattered into the unit's logits from a CSR list, and unavailable
 products are dropped from E' before scoring, so no customers x products matrix ever exists.
 
-On CPU the kernels are oneDNN's (`torch.ops.mkldnn._linear_pointwise`, the op Inductor lowers
-Linear+ReLU to): on this project's 2-core AMD EPYC it runs fp32 at ~230 GFLOP/s per core where
-MKL's sgemm behind `F.linear` reaches 80-110, and it fuses the bias and the ReLU. bf16 runs on the
-AVX512_BF16 dot-product instructions with fp32 accumulation (~470 GFLOP/s per core).
+The CPU kernels, worker threads and allocator settings live in `scoring_runtime.py`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import platform
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,14 +41,25 @@ from torch import nn
 
 from feedpipe.feature_tensors import SideTensors
 from feedpipe.model import TwoSidedDLRM
+from feedpipe.scoring_runtime import (
+    default_workers,
+    keep_freed_memory_mapped,
+    linear,
+    onednn_available,
+    run_units,
+    single_threaded_kernels,
+)
 
-# Measured on the 2-core EPYC (benchmarks/README.md, "Scoring"): 8k-pair tiles keep the first
-# layer's output (4 MiB fp32) in L2+L3 and the per-tile Python overhead under 2%.
+# Measured on the 2-core EPYC (benchmarks/README.md, "Scoring"): 4k-16k-pair tiles score alike; 8k
+# keeps the first layer's output (4 MiB fp32) in L2+L3 and Python's per-tile cost near 1%.
 DEFAULT_PAIRS_PER_TILE = 1 << 13
+# A GPU needs far larger tiles to fill it; a starting point, not measured (no GPU in that session).
+GPU_PAIRS_PER_TILE = 1 << 21
 # One worker's unit of customers: 0.05-0.2 s of work, small enough that workers finish together.
 DEFAULT_PAIRS_PER_UNIT = 1 << 20
-# Customers whose U' is built at once: M of that matrix product, and 0.7-1.5 MiB of U' (L2 is 2 MiB).
-U_PRIME_GROUP = 32
+# Customers whose U' is built at once, right before their tiles: 1.5 MiB of U' in bf16, 3 MiB in
+# fp32. 16-128 measured within 1% of each other in fp32; 64 was best in bf16 by ~1%.
+U_PRIME_GROUP = 64
 # Columns per chunk in top_k_rows: 4 was fastest for top 100 of 2k-10k (measured 3.2 ms against
 # torch.topk's 4.5 ms for 260 x 2000 on one core).
 TOPK_CHUNK = 4
@@ -165,18 +167,6 @@ def factor_over_arch(model: TwoSidedDLRM) -> FactoredOverArch:
 def _same_side_dots(v: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     i, j = pairs
     return (v[:, i, :] * v[:, j, :]).sum(-1)  # [N, n_pairs]
-
-
-def onednn_available(device: torch.device) -> bool:
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, relu: bool, onednn: bool) -> torch.Tensor:
-    """relu?(x @ w.T + b): x [M, K], w [N, K], b [N] -> [M, N], bias and ReLU fused on oneDNN."""
-    if onednn:
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "relu" if relu else "none", [], "")
-    y = nn.functional.linear(x, w, b)
-    return torch.relu_(y) if relu else y
 
 
 @dataclass
@@ -288,26 +278,16 @@ def u_prime(plan: ScoringPlan, v_flat: torch.Tensor) -> torch.Tensor:
     return u.view(s * h, -1)
 
 
+def default_pairs_per_tile(device: torch.device) -> int:
+    return DEFAULT_PAIRS_PER_TILE if device.type == "cpu" else GPU_PAIRS_PER_TILE
+
+
 def tile_shape(num_products: int, pairs_per_tile: int) -> tuple[int, int]:
     """(customers, products) per tile: all products for several customers, or a product chunk for one."""
     if num_products == 0:
         return 1, 1
     b = max(1, pairs_per_tile // num_products)
     return b, min(num_products, max(1, pairs_per_tile // b))
-
-
-_buffers = threading.local()
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread buffer reused from unit to unit. Allocating a few MiB per unit instead made glibc
-    return and re-fault the pages every time (130k page faults, +10% CPU time, for 8M pairs)."""
-    cache = _buffers.__dict__.setdefault("tensors", {})
-    buf = cache.get(name)
-    numel = math.prod(shape)
-    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-        buf = cache[name] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
 
 
 def unit_logits(plan: ScoringPlan, bias: torch.Tensor, v_flat: torch.Tensor, pairs_per_tile: int) -> torch.Tensor:
@@ -320,11 +300,11 @@ def unit_logits(plan: ScoringPlan, bias: torch.Tensor, v_flat: torch.Tensor, pai
     n_p = plan.num_scored
     b_tile, p_tile = tile_shape(n_p, pairs_per_tile)
     e_chunks = plan.e.split(p_tile)
-    out = _scratch("out", (s_total, n_p), plan.dtype, bias.device)
+    out = torch.empty((s_total, n_p), dtype=plan.dtype, device=bias.device)
     if b_tile > 1:  # one product chunk: tile t's logits land in tiles[t] ordered (product, customer)
-        tiles = _scratch("tiles", (math.ceil(s_total / b_tile), n_p * b_tile), plan.dtype, bias.device)
-    # U' of a group of customers is built right before its tiles read it, so it is still in L2:
-    # built for a whole unit up front it cost 5% of the bf16 time, four times its cost in cache.
+        tiles = torch.empty((math.ceil(s_total / b_tile), n_p * b_tile), dtype=plan.dtype, device=bias.device)
+    # U' of a group of customers is built right before its tiles read it, so it is still in cache:
+    # built for a whole unit up front it cost 5% of the bf16 time, twice its cost this way.
     group = b_tile * max(1, U_PRIME_GROUP // b_tile)
     for g0 in range(0, s_total, group):
         g1 = min(s_total, g0 + group)
@@ -344,7 +324,7 @@ def unit_logits(plan: ScoringPlan, bias: torch.Tensor, v_flat: torch.Tensor, pai
                 torch.mm(x.view(-1, plan.last_w.shape[0]), plan.last_w, out=target.view(-1, 1))
     if b_tile > 1:
         full = s_total // b_tile * b_tile
-        out[:full] = tiles[: full // b_tile].view(-1, n_p, b_tile).transpose(1, 2).reshape(full, n_p)
+        out[:full].view(-1, b_tile, n_p).copy_(tiles[: full // b_tile].view(-1, n_p, b_tile).transpose(1, 2))
         if full < s_total:
             out[full:] = tiles[-1, : n_p * (s_total - full)].view(n_p, -1).T
     return out
@@ -360,7 +340,7 @@ def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     s, p = logits.shape
     g = TOPK_CHUNK
     c = p // g
-    if c < 2 * k:
+    if k == 0 or c < 2 * k:
         return tuple(torch.topk(logits, k, dim=1))
     chunks = logits[:, : c * g].view(s, c, g)
     best = torch.topk(chunks.amax(dim=2), k, dim=1, sorted=False).indices  # [S, k]
@@ -373,6 +353,13 @@ def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return top.values, torch.gather(columns, 1, top.indices)
 
 
+def customer_units(n: int, num_products: int, pairs_per_tile: int, pairs_per_unit: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of customers, each ~pairs_per_unit pairs and a whole number of tiles."""
+    b_tile, _ = tile_shape(num_products, pairs_per_tile)
+    per_unit = max(b_tile, (max(1, pairs_per_unit // max(1, num_products)) // b_tile) * b_tile)
+    return [(s, min(n, s + per_unit)) for s in range(0, n, per_unit)]
+
+
 def _apply_exclusions(logits: torch.Tensor, ex: Exclusions, start: int, stop: int) -> None:
     lo, hi = int(ex.offsets[start]), int(ex.offsets[stop])
     if hi == lo:
@@ -380,74 +367,6 @@ def _apply_exclusions(logits: torch.Tensor, ex: Exclusions, start: int, stop: in
     lengths = ex.offsets[start + 1 : stop + 1] - ex.offsets[start:stop]
     block_rows = torch.repeat_interleave(torch.arange(stop - start, device=logits.device), lengths.to(logits.device))
     logits[block_rows, ex.values[lo:hi].to(logits.device)] = float("-inf")
-
-
-@functools.cache
-def keep_freed_memory_mapped() -> bool:
-    """Stop glibc from handing freed heap memory back to the kernel while scoring runs.
-
-    Each tile allocates and frees ~6 MiB of intermediates (oneDNN ops have no `out=`). In worker
-    threads glibc's per-thread heaps trim such frees back to the kernel and fault the pages in again on
-    the next tile: 150k page faults and +25% CPU time for 8M fp32 pairs. Setting the thresholds
-    (to the values glibc's own dynamic thresholds grow to, 32 MiB mmap / 128 MiB trim) stops that; it
-    is process-wide and lasts, and costs at most 128 MiB of freed memory kept per heap.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 128 << 20))
-
-
-@contextmanager
-def single_threaded_kernels(enabled: bool = True):
-    """torch.set_num_threads(1) for the block, restored after. With worker threads each running its
-    own kernels, the caller's small preparatory ops must not open 2-thread OpenMP regions either:
-    on a machine whose other core is busy each region waits for it (measured: 0.17 s instead of
-    5 ms to prepare 2k products, 14% of scoring 4k customers)."""
-    saved = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if enabled:
-            torch.set_num_threads(saved)
-
-
-def _units(n: int, num_products: int, pairs_per_tile: int, pairs_per_unit: int) -> list[tuple[int, int]]:
-    b_tile, _ = tile_shape(num_products, pairs_per_tile)
-    per_unit = max(b_tile, (max(1, pairs_per_unit // max(1, num_products)) // b_tile) * b_tile)
-    return [(s, min(n, s + per_unit)) for s in range(0, n, per_unit)]
-
-
-def run_units(units: list[tuple[int, int]], work, workers: int) -> None:
-    """Call work(start, stop) for every unit: inline when workers <= 1, else on `workers` threads
-    that take the next unit when done with one (call it under `single_threaded_kernels`)."""
-    if workers <= 1:
-        with torch.inference_mode():
-            for start, stop in units:
-                work(start, stop)
-        return
-    lock, queue = threading.Lock(), list(reversed(units))
-
-    def worker() -> None:
-        torch.set_num_threads(1)  # OpenMP's thread count is per OS thread
-        with torch.inference_mode():  # and so is grad mode
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    start, stop = queue.pop()
-                work(start, stop)
-
-    with ThreadPoolExecutor(workers) as pool:
-        for fut in [pool.submit(worker) for _ in range(workers)]:
-            fut.result()
-
-
-def default_workers(device: torch.device) -> int:
-    return torch.get_num_threads() if device.type == "cpu" else 1
 
 
 @torch.no_grad()
@@ -461,7 +380,7 @@ def score_all_pairs(
     unavailable: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     customer_rows: torch.Tensor | None = None,
-    pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
+    pairs_per_tile: int | None = None,
     pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT,
     workers: int | None = None,
     plan: ScoringPlan | None = None,
@@ -475,6 +394,7 @@ def score_all_pairs(
     """
     device = plan.e.device if plan is not None else next(model.parameters()).device
     workers = workers or default_workers(device)
+    pairs_per_tile = pairs_per_tile or default_pairs_per_tile(device)
     if device.type == "cpu":
         keep_freed_memory_mapped()
     with single_threaded_kernels(workers > 1):
@@ -508,7 +428,7 @@ def _score_all_pairs(
         scores = torch.sigmoid_(values.float().add_(plan.last_b)).masked_fill_(unfilled, float("nan"))
         out_scores[start:stop] = scores.cpu()
 
-    run_units(_units(n, n_p, pairs_per_tile, pairs_per_unit), work, workers)
+    run_units(customer_units(n, n_p, pairs_per_tile, pairs_per_unit), work, workers)
     return TopN(product_rows=out_rows, scores=out_scores)
 
 
@@ -520,12 +440,13 @@ def pair_logits(
     customer_rows: torch.Tensor,
     *,
     dtype: torch.dtype = torch.float32,
-    pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
+    pairs_per_tile: int | None = None,
 ) -> torch.Tensor:
     """Logits [len(customer_rows), P] of every pair through the scorer's path (for checks and benchmarks)."""
     plan = plan_scoring(model, products, dtype=dtype)
     bias, v_flat = customer_factors(plan, customers, customer_rows)
-    return unit_logits(plan, bias, v_flat, pairs_per_tile).float() + plan.last_b
+    tile = pairs_per_tile or default_pairs_per_tile(plan.e.device)
+    return unit_logits(plan, bias, v_flat, tile).float() + plan.last_b
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ FEED_DATE = "2026-03-31"
 ASSETS = list(defs.assets)
 FAST_TRAINING = {
     "ops": {
+        "training_examples": {"config": {"negatives_per_positive": 4}},
         "dlrm_model": {"config": {"epochs": 3, "min_validation_auc": 0.5}},
         # tiny data: the gate is tested on its own below, here it must not depend on a lucky draw
         "model_evaluation": {"config": {"min_margin_over_popularity": -1.0}},

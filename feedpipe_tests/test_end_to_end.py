@@ -27,7 +27,12 @@ def cli_env(tmp_path, pg_url):
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "FEEDPIPE_DAGSTER_STORAGE_URL")}
     env.update(FEEDPIPE_HOME=str(tmp_path / "home"), FEEDPIPE_DATABASE_URL=pg_url)
     run_config = tmp_path / "run.yaml"
-    run_config.write_text("ops:\n  dlrm_model:\n    config:\n      epochs: 3\n      min_validation_auc: 0.5\n")
+    run_config.write_text(
+        "ops:\n"
+        "  training_examples: {config: {negatives_per_positive: 4}}\n"
+        "  dlrm_model: {config: {epochs: 3, min_validation_auc: 0.5}}\n"
+        "  model_evaluation: {config: {lightgbm: false, min_margin_over_popularity: -1.0}}\n"
+    )
     return env, run_config
 
 

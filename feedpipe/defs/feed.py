@@ -13,7 +13,7 @@ from feedpipe.defs.metadata import frame_metadata
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import DatabaseResource
 from feedpipe.publishing import FeedArrays, publish_feed
-from feedpipe.ranking import RANK, SCORE, model_ranking
+from feedpipe.ranking import RANK, SCORE, model_ranking, top_k_overlap
 from feedpipe.training import TrainedModel
 from feedpipe.training_examples import ExampleConfig, Window, purchased_pairs, window_transactions
 
@@ -77,6 +77,11 @@ def pair_scores(
         )
         ranks = summary["ranks"]
         timings = {"scoring_s": summary["scoring_seconds"]}
+    fidelity = {}
+    if config.dtype != "fp32":  # bf16's ranking against fp32's on this model, for a sample of customers
+        fidelity[f"top20_overlap_{config.dtype}_vs_fp32"] = round(
+            top_k_overlap(dlrm_model, customers, products, dtype=DTYPES[config.dtype]), 4
+        )
     pairs = customers.height * products.height
     null_ids = scores.filter(pl.col(CUSTOMER_ID).is_null() | pl.col(PRODUCT_ID).is_null()).height
     with_history = in_window.select(CUSTOMER_ID).unique()
@@ -92,6 +97,7 @@ def pair_scores(
             pairs_per_s=round(pairs / max(timings["scoring_s"], 1e-9)),
             **{k.removesuffix("_s") + "_seconds": round(v, 2) for k, v in timings.items()},
             dtype=config.dtype,
+            **fidelity,
             ranks=ranks,
             model_version=dlrm_model.version,
         ),
