@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import feedpipe  # noqa: E402,F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import torch  # noqa: E402
