@@ -23,8 +23,8 @@ matrix-vector product whose bias is added to the N kept scores only.
 Work is cut into tiles of about `pairs_per_tile` pairs (B customers x Pc products) so a tile's
 intermediates stay in L2/L3, and into units of customers handed to worker threads. Each worker runs
 single-threaded kernels on its own units: no barrier per matrix product, so a core taken by another
-process on a shared machine slows one worker instead of stalling both. Top-N is taken per unit with
-`torch.topk`, exclusions are scattered into the unit's logits from a CSR list, and unavailable
+process on a shared machine slows one worker instead of stalling both. Top-N is taken per unit
+(`top_k_rows`), exclusions are scattered into the unit's logits from a CSR list, and unavailable
 products are dropped from E' before scoring, so no customers x products matrix ever exists.
 
 The CPU kernels, worker threads and allocator settings live in `scoring_runtime.py`.
@@ -442,11 +442,16 @@ def pair_logits(
     dtype: torch.dtype = torch.float32,
     pairs_per_tile: int | None = None,
 ) -> torch.Tensor:
-    """Logits [len(customer_rows), P] of every pair through the scorer's path (for checks and benchmarks)."""
-    plan = plan_scoring(model, products, dtype=dtype)
-    bias, v_flat = customer_factors(plan, customers, customer_rows)
-    tile = pairs_per_tile or default_pairs_per_tile(plan.e.device)
-    return unit_logits(plan, bias, v_flat, tile).float() + plan.last_b
+    """Logits [len(customer_rows), P] of every pair through the scorer's path (for checks and benchmarks).
+
+    One thread on CPU: a check should not wait on OpenMP barriers while other jobs hold a core.
+    """
+    device = next(model.parameters()).device
+    with single_threaded_kernels(device.type == "cpu"):
+        plan = plan_scoring(model, products, dtype=dtype)
+        bias, v_flat = customer_factors(plan, customers, customer_rows)
+        tile = pairs_per_tile or default_pairs_per_tile(plan.e.device)
+        return unit_logits(plan, bias, v_flat, tile).float() + plan.last_b
 
 
 @torch.no_grad()
