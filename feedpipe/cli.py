@@ -164,14 +164,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _served_version(conn) -> dict | None:
+    from feedpipe.publishing import current_version
+
+    version = current_version(conn)
+    if version is None:
+        print("no feed published yet: run `feedpipe run`", file=sys.stderr)
+    return version
+
+
 def cmd_feed(args) -> int:
-    from feedpipe.publishing import current_version, read_feed
+    from feedpipe.publishing import read_feed
 
     url = resolve_database_url()
     with connect(url) as conn:
-        version = current_version(conn)
+        version = _served_version(conn)
         if version is None:
-            print("no feed published yet: run `feedpipe run`", file=sys.stderr)
             return 1
         customer = args.customer_id
         if customer is None:
@@ -193,13 +201,11 @@ def cmd_report(args) -> int:
     import json
 
     from feedpipe.model_evaluation import ModelEvaluation
-    from feedpipe.publishing import current_version
 
     url = resolve_database_url()
     with connect(url) as conn:
-        version = current_version(conn)
+        version = _served_version(conn)
     if version is None:
-        print("no feed published yet: run `feedpipe run`", file=sys.stderr)
         return 1
     report = {
         "feed_version": version["version"],

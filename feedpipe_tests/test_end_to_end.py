@@ -54,6 +54,16 @@ def test_cli_run_on_csv_data_publishes_a_feed_and_a_rerun_replaces_it_atomically
     feed = _run(["feed", "1", "--limit", "5"], env)
     assert feed.returncode == 0 and feed.stdout.count("\n") == 7, feed.stdout + feed.stderr
 
+    import json
+
+    report = _run(["report", "--json"], env)
+    assert report.returncode == 0, report.stderr[-2000:]
+    served = json.loads(report.stdout)
+    assert (served["rows"], served["customers"], served["model_version"]) == (CUSTOMERS * 20, CUSTOMERS, v1)
+    assert 0.5 < served["model"]["auc"] <= 1.0
+    assert served["ranking"]["k"] == 20 and {"dlrm", "popularity", "oracle"} <= set(served["ranking"])
+    assert set(served["ranking"]["dlrm"]) >= {"recall", "ndcg", "map", "hit_rate"}
+
     # Rerun the same date while a reader polls: every read sees one whole version, never none.
     observations, stop = [], threading.Event()
 
