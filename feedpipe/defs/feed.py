@@ -21,6 +21,7 @@ from feedpipe.training_examples import ExampleConfig, Window, purchased_pairs, w
 class ScoringConfig(dg.Config):
     top_n: int = Field(default=100, description="Products kept per customer in pair_scores.")
     exclude_purchased: bool = Field(default=True, description="Drop products the customer bought in the window.")
+    exclude_window_days: int = Field(default=90, description="How far back a purchase excludes a product from the feed.")
     dtype: str = Field(default="fp32", description="fp32 (exact) or bf16.")
 
 
@@ -59,7 +60,7 @@ def pair_scores(
     transactions: pl.DataFrame,
 ):
     """The model's top N products per customer over ALL products, past purchases excluded (configurable)."""
-    window = Window.for_feed_date(feed_date_of(context), ExampleConfig())
+    window = Window.for_feed_date(feed_date_of(context), ExampleConfig(window_days=config.exclude_window_days))
     in_window = window_transactions(transactions, window)
     exclude = purchased_pairs(in_window) if config.exclude_purchased else None
     if config.dtype not in DTYPES:
