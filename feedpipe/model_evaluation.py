@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
-from feedpipe.evaluation import ranking_metrics
+from feedpipe.evaluation import evaluation_customers, ranking_metrics
 from feedpipe.ranking import model_ranking, popularity_ranking
 from feedpipe.training import TrainedModel
 from feedpipe.training_examples import LABEL, SPLIT, TRAIN, VALIDATION
@@ -55,11 +55,10 @@ def split_pairs(examples: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 def sample_customers(train: pl.DataFrame, held: pl.DataFrame, max_customers: int, seed: int) -> pl.Series:
     """Customers with history and new holdout purchases; a deterministic sample above max_customers."""
-    ids = held.select(CUSTOMER_ID).unique().join(train.select(CUSTOMER_ID).unique(), on=CUSTOMER_ID, how="semi")
-    ids = ids.sort(CUSTOMER_ID)
-    if ids.height > max_customers:
-        ids = ids.sample(max_customers, seed=seed).sort(CUSTOMER_ID)
-    return ids.get_column(CUSTOMER_ID)
+    ids = evaluation_customers(train, held)
+    if ids.len() > max_customers:
+        ids = ids.sample(max_customers, seed=seed).sort()
+    return ids
 
 
 def evaluate_rankers(
