@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from feedpipe.feature_tensors import SideTensors  # noqa: E402
 from feedpipe.model import ModelShape, SparseFeature, TwoSidedDLRM  # noqa: E402
 from feedpipe.scoring import (  # noqa: E402
@@ -62,19 +63,6 @@ TRAINED_EMBEDDING_STD = 0.2
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-                isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-                return f"{name} ({os.cpu_count()} cores; {', '.join(isa)})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def random_side(n: int, features: tuple[SparseFeature, ...], n_dense: int, g: torch.Generator) -> SideTensors:

@@ -121,6 +121,9 @@ class TwoSidedDLRM(nn.Module):
         rows, cols = torch.triu_indices(f, f, offset=1)
         self.register_buffer("triu_rows", rows, persistent=False)
         self.register_buffer("triu_cols", cols, persistent=False)
+        # The same pairs as positions in the flattened [F*F] Gram matrix: index_select's backward is
+        # an index_add, where advanced indexing's is a slower accumulating index_put.
+        self.register_buffer("triu_flat", rows * f + cols, persistent=False)
         n_dense_out = d * ((1 if shape.customer_dense_in else 0) + (1 if shape.product_dense_in else 0))
         self.over_in_features = n_dense_out + rows.numel()
         self.over_arch = OverArch(self.over_in_features, list(shape.over_arch_layers), device)
@@ -164,7 +167,8 @@ class TwoSidedDLRM(nn.Module):
 
     def logits_from_vectors(self, c: SideVectors, p: SideVectors) -> torch.Tensor:
         v = torch.cat([c.stacked(), p.stacked()], dim=1)  # [B, F, D]
-        dots = torch.bmm(v, v.transpose(1, 2))[:, self.triu_rows, self.triu_cols]  # [B, F(F-1)/2]
+        f = v.shape[1]
+        dots = torch.bmm(v, v.transpose(1, 2)).view(-1, f * f).index_select(1, self.triu_flat)  # [B, F(F-1)/2]
         parts = [x for x in (c.dense, p.dense) if x is not None] + [dots]
         return self.over_arch(torch.cat(parts, dim=1)).squeeze(1)
 

@@ -98,6 +98,7 @@ class ShardedTraining:
         # The interaction indices are plain CPU buffers; DDP broadcasts buffers, so they must live
         # on the device NCCL talks to.
         model.triu_rows, model.triu_cols = model.triu_rows.to(device), model.triu_cols.to(device)
+        model.triu_flat = model.triu_flat.to(device)
         tables = [ebc for ebc in (model.customer_ebc, model.product_ebc) if ebc is not None]
         table_optimizer, table_kwargs = self._table_optimizer(config)
         for ebc in tables:
@@ -152,6 +153,12 @@ class ShardedTraining:
         return out
 
     # -- data ------------------------------------------------------------------------------------
+    def prepare(self, data: ExampleTensors) -> ExampleTensors:
+        return data
+
+    def forward(self, model, data: ExampleTensors, rows: torch.Tensor) -> torch.Tensor:
+        return forward_examples(model, data, rows)
+
     def batches(self, n: int, batch_size: int, generator: torch.Generator):
         n_common = self.group.min(n)
         local = max(1, math.ceil(batch_size / self.world_size))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from torchmetrics.functional.classification import binary_auroc
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from feedpipe.feature_tensors import SideTensors, side_tensors
-from feedpipe.model import ModelShape, TwoSidedDLRM, sparse_features_for
+from feedpipe.flat_embeddings import FlatTables
+from feedpipe.model import ModelShape, SideVectors, TwoSidedDLRM, sparse_features_for
 from feedpipe.sources import FeatureSpec
 from feedpipe.training_examples import LABEL, SPLIT, TRAIN, VALIDATION
 from feedpipe.vocabularies import Vocabularies, dense_features
@@ -50,6 +52,10 @@ class TrainConfig:
     dense_weight_decay: float = 0.0
     patience: int = 1
     seed: int = 0
+    # Intra-op threads while training on CPU (0: torch's default). At the default sizes one thread
+    # trained faster than two on the 2-core test machines (benchmarks/README.md, "Training"): each
+    # small op of a step opened an OpenMP region whose wake-up cost more than the split saved.
+    cpu_threads: int = 1
 
 
 # The source article's DLRM settings, kept as a preset for comparison.
@@ -64,15 +70,24 @@ ARTICLE_PRESET = TrainConfig(
 )
 
 
-def make_optimizers(model: TwoSidedDLRM, config: TrainConfig) -> list[torch.optim.Optimizer]:
-    embedding = [p for n, p in model.named_parameters() if "_ebc." in n]
+def make_optimizers(
+    model: TwoSidedDLRM, config: TrainConfig, tables: list[torch.nn.Parameter] | None = None
+) -> list[torch.optim.Optimizer]:
+    """Adam on the dense arches and RowWiseAdagrad on the tables (or SGD on all, the article's way).
+
+    `tables`: the parameters holding the embedding rows, when they are not the EBC's own (the flat
+    matrices of `flat_embeddings.FlatTables`); the EBC's weights are then left to them.
+    """
+    embedding = tables if tables is not None else [p for n, p in model.named_parameters() if "_ebc." in n]
     dense = [p for n, p in model.named_parameters() if "_ebc." not in n]
     if config.optimizer == "sgd":
-        return [torch.optim.SGD(model.parameters(), lr=config.learning_rate)]
+        return [torch.optim.SGD(dense + embedding, lr=config.learning_rate)]
     if config.optimizer != "adam":
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+    # fused: one kernel for all dense tensors (1.2 ms -> 0.4 ms a step at the default sizes).
+    fused = all(p.device.type in ("cpu", "cuda") for p in dense)
     return [
-        torch.optim.Adam(dense, lr=config.learning_rate, weight_decay=config.dense_weight_decay),
+        torch.optim.Adam(dense, lr=config.learning_rate, weight_decay=config.dense_weight_decay, fused=fused),
         RowWiseAdagrad(embedding, lr=config.embedding_learning_rate, weight_decay=config.embedding_weight_decay),
     ]
 
@@ -173,6 +188,10 @@ def evaluate_examples(model: TwoSidedDLRM, data: ExampleTensors, batch_size: int
 class InProcess:
     """Where `train_dlrm` puts the model, its batches and its evaluation: here, one process.
 
+    Each side's embedding tables train as one flat matrix (`flat_embeddings.FlatTables`; the EBC's
+    weights are views of it), so a batch is one lookup and one optimizer step per side; `flat=False`
+    trains through the EBC itself, as `ShardedTraining` does (kept to pin that both learn the same).
+
     `feedpipe.sharded_training.ShardedTraining` has the same methods for a torchrun rank (model
     sharded by DistributedModelParallel, each rank holding its share of the examples).
     """
@@ -180,9 +199,44 @@ class InProcess:
     rank = 0
     world_size = 1
 
+    def __init__(self, flat: bool = True) -> None:
+        self.flat = flat
+        self.tables: dict[str, FlatTables] = {}
+
     def build(self, shape: ModelShape, config: TrainConfig, device: torch.device):
         model = TwoSidedDLRM(shape, device=device)
-        return model, make_optimizers(model, config)
+        if not self.flat:
+            return model, make_optimizers(model, config)
+        self.tables = {
+            side: FlatTables(ebc, features)
+            for side, ebc, features in (
+                ("customers", model.customer_ebc, shape.customer_sparse),
+                ("products", model.product_ebc, shape.product_sparse),
+            )
+            if ebc is not None
+        }
+        return model, make_optimizers(model, config, tables=[t.weight for t in self.tables.values()])
+
+    def prepare(self, data: ExampleTensors):
+        """What `forward` reads: the flat tables' ids of every example row, computed once."""
+        if not self.flat:
+            return data
+        ids = {side: t.ids(getattr(data, side)) for side, t in self.tables.items()}
+        return data, ids
+
+    def forward(self, model: TwoSidedDLRM, prepared, rows: torch.Tensor) -> torch.Tensor:
+        if not self.flat:
+            return forward_examples(model, prepared, rows)
+        data, ids = prepared
+        sides = []
+        for side, arch in (("customers", model.customer_dense_arch), ("products", model.product_dense_arch)):
+            tensors: SideTensors = getattr(data, side)
+            dense = arch(tensors.dense.index_select(0, rows)) if arch is not None else None
+            table = self.tables.get(side)
+            pooled = (table.lookup(ids[side], rows) if table is not None
+                      else tensors.dense.new_zeros((rows.numel(), 0, model.shape.embedding_dim)))
+            sides.append(SideVectors(dense, pooled))
+        return model.logits_from_vectors(*sides)
 
     def batches(self, n: int, batch_size: int, generator: torch.Generator):
         return _batches(n, batch_size, generator)
@@ -198,9 +252,21 @@ class InProcess:
 
     def final_model(self, model, best_state: dict | None) -> TwoSidedDLRM | None:
         if best_state is not None:
-            model.load_state_dict(best_state)
+            model.load_state_dict(best_state)  # into the EBC's views: the flat matrices too
         model.eval()
         return model
+
+
+@contextmanager
+def intra_op_threads(n: int, device: torch.device):
+    """torch.set_num_threads(n) for the block on CPU (n > 0), restored after."""
+    saved = torch.get_num_threads()
+    if n > 0 and device.type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def train_dlrm(
@@ -219,9 +285,15 @@ def train_dlrm(
     """
     parallel = parallel or InProcess()
     device = torch.device(device)
+    with intra_op_threads(config.cpu_threads, device):
+        return _train(train, valid, shape, config, device, log, parallel)
+
+
+def _train(train, valid, shape, config, device, log, parallel) -> TrainResult:
     torch.manual_seed(config.seed)
     model, optimizers = parallel.build(shape, config, device)
     train, valid = train.to(device), valid.to(device)
+    prepared = parallel.prepare(train)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[EpochStats] = []
     loss_curve: list[float] = []
@@ -234,7 +306,7 @@ def train_dlrm(
         total, count, group_loss, group_n = 0.0, 0, 0.0, 0
         for rows in parallel.batches(train.num_rows, config.batch_size, generator):
             rows = rows.to(device)
-            logits = forward_examples(model, train, rows)
+            logits = parallel.forward(model, prepared, rows)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, train.labels.index_select(0, rows))
             if not torch.isfinite(loss):
                 raise TrainingDiverged(

@@ -116,3 +116,29 @@ def test_the_article_preset_trains_with_plain_sgd(data):
     model = TwoSidedDLRM(model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, cfg))
     (opt,) = make_optimizers(model, cfg)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.01
+
+
+def test_flat_tables_train_exactly_like_the_embedding_bag_collection(data):
+    """The default one-process path (one flat matrix per side) against TorchRec's EBC path: same
+    logits before training and the same weights after two epochs of Adam + RowWiseAdagrad."""
+    from feedpipe.training import InProcess
+
+    _, _, vocab, examples = data
+    train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
+    shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, FAST)
+    cfg = TrainConfig(epochs=2, batch_size=128, patience=5, embedding_weight_decay=1e-3)
+    flat, ebc = InProcess(flat=True), InProcess(flat=False)
+    torch.manual_seed(0)
+    model, _ = flat.build(shape, cfg, torch.device("cpu"))
+    rows = torch.randperm(train.num_rows)[:300]
+    from feedpipe.training import forward_examples
+
+    assert torch.allclose(flat.forward(model, flat.prepare(train), rows), forward_examples(model, train, rows), atol=1e-6)
+    a = train_dlrm(train, valid, shape, cfg, parallel=InProcess(flat=True))
+    b = train_dlrm(train, valid, shape, cfg, parallel=InProcess(flat=False))
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=1e-5), k
+    assert [h.val_loss for h in a.history] == pytest.approx([h.val_loss for h in b.history], abs=1e-5)
+    assert a.model.customer_ebc.embedding_bags["t_customers__customer_id"].weight.abs().sum() > 0
