@@ -75,7 +75,7 @@ class FlatTables(nn.Module):
         single = [side.sparse[keys[i]][0].index_select(0, side.sparse[keys[i]][1][:-1]) + self.first_row[i]
                   for i in self.single]
         n = side.num_rows
-        single_ids = torch.stack(single, 1) if single else torch.zeros((n, 0), dtype=torch.long)
+        single_ids = torch.stack(single, 1) if single else torch.zeros((n, 0), dtype=torch.long, device=side.dense.device)
         multi = [(side.sparse[keys[i]][0] + self.first_row[i], side.sparse[keys[i]][1]) for i in self.multi]
         return FlatIds(single_ids.contiguous(), multi)
 
