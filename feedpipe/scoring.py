@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -49,6 +48,7 @@ from feedpipe.scoring_runtime import (
     run_units,
     single_threaded_kernels,
 )
+from feedpipe.top_n import Exclusions, TopN, apply_exclusions, top_k_rows  # noqa: F401 (re-exported)
 
 # Measured on the 2-core EPYC (benchmarks/README.md, "Scoring"): 4k-16k-pair tiles score alike; 8k
 # keeps the first layer's output (4 MiB fp32) in L2+L3 and Python's per-tile cost near 1%.
@@ -60,54 +60,6 @@ DEFAULT_PAIRS_PER_UNIT = 1 << 20
 # Customers whose U' is built at once, right before their tiles: 1.5 MiB of U' in bf16, 3 MiB in
 # fp32. 16-128 measured within 1% of each other in fp32; 64 was best in bf16 by ~1%.
 U_PRIME_GROUP = 64
-# Columns per chunk in top_k_rows: 4 was fastest for top 100 of 2k-10k (measured 3.2 ms against
-# torch.topk's 4.5 ms for 260 x 2000 on one core).
-TOPK_CHUNK = 4
-
-
-@dataclass
-class TopN:
-    """rows[c, k] = product row of customer c's k-th best; scores are probabilities (sigmoid of logits).
-
-    Slots a customer cannot fill (fewer allowed products than N) hold row -1 and score NaN.
-    """
-
-    product_rows: torch.Tensor  # [Nc, N] int64
-    scores: torch.Tensor  # [Nc, N] float32
-
-
-@dataclass
-class Exclusions:
-    """CSR list of product rows excluded per customer row: values[offsets[c]:offsets[c+1]]."""
-
-    offsets: torch.Tensor  # [Nc+1] int64
-    values: torch.Tensor  # [nnz] int64
-
-    @classmethod
-    def from_pairs(cls, customer_rows: np.ndarray, product_rows: np.ndarray, num_customers: int) -> "Exclusions":
-        order = np.lexsort((product_rows, customer_rows))
-        c = np.asarray(customer_rows, dtype=np.int64)[order]
-        p = np.asarray(product_rows, dtype=np.int64)[order]
-        counts = np.bincount(c, minlength=num_customers)
-        offsets = np.zeros(num_customers + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        return cls(torch.from_numpy(offsets), torch.from_numpy(p))
-
-    @classmethod
-    def none(cls, num_customers: int) -> "Exclusions":
-        return cls(torch.zeros(num_customers + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-
-    def remapped(self, column_of_row: torch.Tensor) -> "Exclusions":
-        """Product rows -> scored columns; rows that are not scored (column -1) are dropped."""
-        if bool((column_of_row == torch.arange(column_of_row.numel())).all()):
-            return self  # every product is scored, in order
-        cols = column_of_row[self.values]
-        keep = cols >= 0
-        n = self.offsets.numel() - 1
-        owner = torch.repeat_interleave(torch.arange(n), self.offsets[1:] - self.offsets[:-1])
-        offsets = torch.zeros(n + 1, dtype=torch.long)
-        torch.cumsum(torch.bincount(owner[keep], minlength=n), 0, out=offsets[1:])
-        return Exclusions(offsets, cols[keep])
 
 
 @dataclass
@@ -223,7 +175,7 @@ def plan_scoring(
         v = torch.zeros((0, model.num_product_vectors, model.shape.embedding_dim), device=device)
     e = torch.cat([v.reshape(v.shape[0], -1), _same_side_dots(v, f.pp_pairs)], dim=1)
 
-    h, d = f.b1.shape[0], model.shape.embedding_dim
+    h = f.b1.shape[0]
     fc, fp = f.w_x.shape[1], f.w_x.shape[2]
     # The product's dense output is v_p0, E's first D-block, so W_pd adds to U's first block only.
     u_fold = f.w_pd.to(dtype).contiguous() if f.w_pd is not None else None
@@ -331,43 +283,11 @@ def unit_logits(plan: ScoringPlan, bias: torch.Tensor, v_flat: torch.Tensor, pai
     return out
 
 
-def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of `torch.topk(logits, k, dim=1)`, about 30% faster when k is far below P.
-
-    Split each row into chunks of TOPK_CHUNK columns: an element outside the k chunks with the
-    largest maxima has k chunk maxima at least as large as itself, so the top k lie in those k
-    chunks and the top k of their k * TOPK_CHUNK elements is the answer (up to the order of ties).
-    """
-    s, p = logits.shape
-    g = TOPK_CHUNK
-    c = p // g
-    if k == 0 or c < 2 * k:
-        return tuple(torch.topk(logits, k, dim=1))
-    chunks = logits[:, : c * g].view(s, c, g)
-    best = torch.topk(chunks.amax(dim=2), k, dim=1, sorted=False).indices  # [S, k]
-    candidates = torch.gather(chunks, 1, best.unsqueeze(2).expand(s, k, g)).view(s, k * g)
-    columns = (best.unsqueeze(2) * g + torch.arange(g, device=logits.device)).view(s, k * g)
-    if c * g < p:  # the last partial chunk: always a candidate
-        candidates = torch.cat([candidates, logits[:, c * g :]], dim=1)
-        columns = torch.cat([columns, torch.arange(c * g, p, device=logits.device).expand(s, -1)], dim=1)
-    top = torch.topk(candidates, k, dim=1)
-    return top.values, torch.gather(columns, 1, top.indices)
-
-
 def customer_units(n: int, num_products: int, pairs_per_tile: int, pairs_per_unit: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of customers, each ~pairs_per_unit pairs and a whole number of tiles."""
     b_tile, _ = tile_shape(num_products, pairs_per_tile)
     per_unit = max(b_tile, (max(1, pairs_per_unit // max(1, num_products)) // b_tile) * b_tile)
     return [(s, min(n, s + per_unit)) for s in range(0, n, per_unit)]
-
-
-def _apply_exclusions(logits: torch.Tensor, ex: Exclusions, start: int, stop: int) -> None:
-    lo, hi = int(ex.offsets[start]), int(ex.offsets[stop])
-    if hi == lo:
-        return
-    lengths = ex.offsets[start + 1 : stop + 1] - ex.offsets[start:stop]
-    block_rows = torch.repeat_interleave(torch.arange(stop - start, device=logits.device), lengths.to(logits.device))
-    logits[block_rows, ex.values[lo:hi].to(logits.device)] = float("-inf")
 
 
 @torch.no_grad()
@@ -422,7 +342,7 @@ def _score_all_pairs(
     def work(start: int, stop: int) -> None:
         bias, v_flat = customer_factors(plan, customers, rows_all[start:stop])
         logits = unit_logits(plan, bias, v_flat, pairs_per_tile)
-        _apply_exclusions(logits, ex, start, stop)
+        apply_exclusions(logits, ex, start, stop)
         values, columns = top_k_rows(logits, k)
         unfilled = values == float("-inf")
         out_rows[start:stop] = plan.product_rows[columns].masked_fill_(unfilled, -1).cpu()

@@ -127,7 +127,7 @@ def test_flat_tables_train_exactly_like_the_embedding_bag_collection(data):
     train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
     shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, FAST)
     cfg = TrainConfig(epochs=2, batch_size=128, patience=5, embedding_weight_decay=1e-3)
-    flat, ebc = InProcess(flat=True), InProcess(flat=False)
+    flat = InProcess(flat=True)
     torch.manual_seed(0)
     model, _ = flat.build(shape, cfg, torch.device("cpu"))
     rows = torch.randperm(train.num_rows)[:300]

@@ -9,7 +9,7 @@ from feedpipe.contract import TRUTH_FILE
 from feedpipe.defs.metadata import markdown_table
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ArtifactsResource, DataResource
-from feedpipe.model_evaluation import ModelEvaluation, evaluate_rankers, validation_scores
+from feedpipe.model_evaluation import evaluate_rankers, validation_scores
 from feedpipe.plots import loss_curves, score_histogram
 from feedpipe.training import TrainedModel
 
