@@ -24,6 +24,9 @@ REQUIRED_COLUMNS = {
     PRODUCTS: (PRODUCT_ID,),
 }
 ID_COLUMN = {CUSTOMERS: CUSTOMER_ID, PRODUCTS: PRODUCT_ID}
+# Every column the loader reads from transactions; any other column is ignored (customers and products keep theirs as
+# attributes).
+TRANSACTION_COLUMNS = (CUSTOMER_ID, PRODUCT_ID, TS, QUANTITY)
 
 # Feature roles, inferred from dtypes unless the YAML config overrides them.
 DENSE = "dense"

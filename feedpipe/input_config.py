@@ -21,7 +21,7 @@ columns to the contract's names. The URL is never written here: `url_env` names 
 source:
   postgres:
     url_env: SALES_DATABASE_URL   # default FEEDPIPE_SOURCE_DATABASE_URL
-    chunk_rows: 50000             # rows per fetch; the export streams, it never holds the whole result
+    chunk_rows: 50000             # rows per fetch and per checked chunk of transactions
     transactions: {schema: sales, table: orders, columns: {customer_id: cust_no, ts: ordered_at}}
     customers: {query: "select id as customer_id, age, region from crm.customers where active"}
     products: {table: products}
@@ -58,6 +58,8 @@ _TOP_KEYS = ("delimiter", *CONFIGURABLE_TABLES, "source")
 _POSTGRES_KEYS = ("url_env", "chunk_rows", *contract.TABLES)
 _POSTGRES_TABLE_KEYS = ("schema", "table", "query", "columns")
 DEFAULT_SOURCE_URL_ENV = "FEEDPIPE_SOURCE_DATABASE_URL"
+# Rows per fetch from Postgres and per chunk when transactions are checked: what bounds the load's memory.
+DEFAULT_CHUNK_ROWS = 50_000
 # PostgreSQL truncates identifiers longer than NAMEDATALEN - 1 bytes, which would silently name another object.
 MAX_IDENTIFIER_BYTES = 63
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -168,8 +170,9 @@ class PostgresSource:
 
     tables: Mapping[str, PostgresTableSource]
     url_env: str = DEFAULT_SOURCE_URL_ENV
-    chunk_rows: int = 50_000
-    """Rows fetched per round trip from a server-side cursor: what bounds the export's memory."""
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    """Rows fetched per round trip from a server-side cursor, and per chunk when transactions are checked: what
+    bounds the load's memory."""
 
     def __post_init__(self) -> None:
         # Each table's section knows where it sits in the config, for messages.
@@ -216,6 +219,11 @@ class InputConfig:
 
     def describe_source(self) -> str:
         return str(self.source) if self.source is not None else "input config (defaults)"
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per chunk when transactions are checked: the Postgres source's `chunk_rows`, else the default."""
+        return self.postgres.chunk_rows if self.postgres is not None else DEFAULT_CHUNK_ROWS
 
 
 def load_input_config(path: str | Path | None) -> InputConfig:
@@ -288,7 +296,7 @@ def _parse_source(raw: Any, path: Path, fail) -> PostgresSource | None:
                 raise fail(f"{key}.columns", "expected a mapping: name in feedpipe -> column in the source")
             tables[table] = PostgresTableSource(spec.get("table"), spec.get("schema"), spec.get("query"), columns, key)
         return PostgresSource(
-            tables, section.get("url_env", DEFAULT_SOURCE_URL_ENV), section.get("chunk_rows", 50_000)
+            tables, section.get("url_env", DEFAULT_SOURCE_URL_ENV), section.get("chunk_rows", DEFAULT_CHUNK_ROWS)
         )
     except InputConfigError as exc:
         if str(exc).startswith(str(path)):

@@ -5,7 +5,9 @@ becomes an Arrow record batch appended to the Parquet file, and nothing holds th
 would make libpq buffer the entire result set as text before the first row reached Python, which is how a large table
 crashes a load. The spooled file is then read by the same loader as a Parquet file in the data directory, so Postgres
 rows are validated and quarantined exactly like file rows; messages name the source ("postgres table sales.orders")
-and number rows in the query's order ("row N").
+and number rows in the query's order ("row N"). Only the columns the loader reads leave the database: for transactions
+the contract's four (`contract.TRANSACTION_COLUMNS`), so a wide orders table costs no more than a narrow one; a
+missing required column fails before any row is fetched, with the message a file would give.
 
 Safety: schema, table and column names from the config are validated (`check_identifier`) and always composed as
 `psycopg.sql.Identifier`, never as text; a source column the config names must exist in the described result. The
@@ -25,14 +27,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 from psycopg import sql
 
+from feedpipe import contract
 from feedpipe.database import connect
 from feedpipe.input_config import InputConfigError, InputError, PostgresSource, PostgresTableSource
-from feedpipe.table_files import StoredTable
+from feedpipe.table_files import StoredTable, check_required_columns
 
 _SCALAR_TYPES = {
     "int2": pa.int64(), "int4": pa.int64(), "int8": pa.int64(),
@@ -79,18 +83,21 @@ def export_table(url: str, source: PostgresSource, table: str, spool_dir: Path,
     """Stream `table` from Postgres into `<spool_dir>/<table>.parquet`; `progress(rows, chunks)` after each chunk."""
     spec = source.tables[table]
     path = Path(spool_dir) / f"{table}.parquet"
+    stored = StoredTable(table, path, name=spec.describe())
     started = time.perf_counter()
     with connect(url) as conn:
         conn.read_only = True
         try:
             columns = _describe(conn, spec)
+            if table == contract.TRANSACTIONS:
+                check_required_columns(stored, pl.Schema({c.name: pl.Utf8 for c in columns}))  # names only
+                columns = [c for c in columns if c.name in contract.TRANSACTION_COLUMNS]
             rows, chunks = _stream(conn, spec, columns, path, source.chunk_rows, progress)
         except (psycopg.Error, pa.ArrowException, UnicodeDecodeError, OverflowError, ValueError) as exc:
             if isinstance(exc, InputError):
                 raise
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"{spec.describe()}: cannot read it: {detail}") from None
-    stored = StoredTable(table, path, name=spec.describe())
     return PostgresExport(stored, rows, chunks, time.perf_counter() - started)
 
 

@@ -6,7 +6,9 @@ to a Parquet file with their values as stored and three more columns: `_row` (th
 as in error messages), `_reason` (a code from `REASONS`) and `_column` (the column at fault).
 
 `RejectionPolicy` fails a table whose rejected fraction is above `max_rejected_fraction` (default 1%), with a message
-naming the source, each (reason, column), up to five offending rows and what was expected.
+naming the source, each (reason, column), up to five offending rows and what was expected. The policy and the message
+only need what `RejectionReport` gives (counts and the first rows of each group), so they apply unchanged to a table
+checked chunk by chunk (`feedpipe.spooled_load.SpooledLoad`), whose rows are on disk rather than in a frame.
 """
 
 from __future__ import annotations
@@ -82,8 +84,69 @@ class Rejection:
             raise ValueError(f"unknown rejection reason {self.reason!r}")
 
 
+class RejectionReport:
+    """What the policy and an operator see of a loaded table, whether its rows are in memory or on disk.
+
+    A subclass has `table`, `source`, `row_label`, `received` and `expected` (as `TableLoad` does) and gives
+    `counts()` and `rejected_examples()`.
+    """
+
+    def counts(self) -> pl.DataFrame:
+        """reason, column, rows: one line per (reason, column), in `REASONS` order."""
+        raise NotImplementedError
+
+    def rejected_examples(self) -> pl.DataFrame:
+        """Rejected rows as in `TableLoad.rejected`, in source order; at least the first `MAX_ROWS_SHOWN` of each
+        (reason, column)."""
+        raise NotImplementedError
+
+    @property
+    def rejected_rows(self) -> int:
+        return int(self.counts().get_column("rows").sum())
+
+    def counts_by_reason(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for reason, _, rows in self.counts().iter_rows():
+            totals[reason] = totals.get(reason, 0) + rows
+        return totals
+
+    def describe_rejections(self, exclude_reasons: tuple[str, ...] = ()) -> str:
+        """Per (reason, column): the count, up to five rows with their stored value, and what was expected."""
+        rejected = self.rejected_examples().filter(~pl.col(REASON).is_in(list(exclude_reasons)))
+        parts = []
+        for reason, column, rows in self.counts().iter_rows():
+            if reason in exclude_reasons:
+                continue
+            group = rejected.filter((pl.col(REASON) == reason) & (pl.col(COLUMN) == column))
+            shown = group.head(MAX_ROWS_SHOWN)
+            values = shown.get_column(column).to_list() if column in shown.columns else [None] * shown.height
+            lines = [f"    {self.row_label} {n}: {_show(v)}" for n, v in zip(shown.get_column(ROW), values)]
+            if rows > shown.height:
+                lines.append(f"    ... and {rows - shown.height} more")
+            expected = self.expected.get((reason, column), "")
+            parts.append(
+                f"  column '{column}': {rows} row(s) {REASONS[reason]} [{reason}]; expected {expected}:\n"
+                + "\n".join(lines)
+            )
+        return "\n".join(parts)
+
+
+def count_rejections(rejected: pl.DataFrame) -> pl.DataFrame:
+    """reason, column, rows: the rows of `rejected` (with `_reason` and `_column`) per (reason, column)."""
+    counts = rejected.group_by(REASON, COLUMN).agg(pl.len().alias("rows"))
+    return order_counts(counts.rename({REASON: "reason", COLUMN: "column"}))
+
+
+def order_counts(counts: pl.DataFrame) -> pl.DataFrame:
+    """reason, column, rows summed per (reason, column) (counts of several chunks add up), in `REASONS` order."""
+    order = {reason: i for i, reason in enumerate(REASONS)}
+    counts = counts.group_by("reason", "column").agg(pl.col("rows").sum().cast(pl.Int64))
+    counts = counts.with_columns(pl.col("reason").replace_strict(order, return_dtype=pl.Int64).alias("_order"))
+    return counts.sort("_order", "column").drop("_order")
+
+
 @dataclass(frozen=True)
-class TableLoad:
+class TableLoad(RejectionReport):
     """One table's received rows: typed (`rows`, with `_row`, `_reason`, `_column`) and as stored (`raw`)."""
 
     table: str
@@ -94,8 +157,11 @@ class TableLoad:
     expected: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, stored: StoredTable, raw: pl.DataFrame, typed: pl.DataFrame, rejections: list[Rejection]) -> TableLoad:
-        numbers = pl.int_range(stored.first_row_number, stored.first_row_number + typed.height, dtype=pl.Int64)
+    def build(cls, stored: StoredTable, raw: pl.DataFrame, typed: pl.DataFrame, rejections: list[Rejection],
+              offset: int = 0) -> TableLoad:
+        """`offset`: how many rows of the table come before these (a chunk's rows keep the whole table's numbers)."""
+        first = stored.first_row_number + offset
+        numbers = pl.int_range(first, first + typed.height, dtype=pl.Int64)
         rows = typed.with_columns(numbers.alias(ROW), pl.lit(None, pl.Utf8).alias(REASON), pl.lit(None, pl.Utf8).alias(COLUMN))
         raw = raw.with_columns(numbers.alias(ROW))
         return cls(stored.table, str(stored), stored.row_label, rows, raw).reject(*rejections)
@@ -131,53 +197,25 @@ class TableLoad:
         return reasons.join(self.raw, on=ROW, how="left", maintain_order="left")
 
     def counts(self) -> pl.DataFrame:
-        """reason, column, rows: one line per (reason, column), in `REASONS` order."""
-        order = {reason: i for i, reason in enumerate(REASONS)}
-        counts = self.rejected.group_by(REASON, COLUMN).agg(pl.len().alias("rows"))
-        counts = counts.with_columns(pl.col(REASON).replace_strict(order, return_dtype=pl.Int64).alias("_order"))
-        return counts.sort("_order", COLUMN).select(
-            pl.col(REASON).alias("reason"), pl.col(COLUMN).alias("column"), pl.col("rows").cast(pl.Int64)
-        )
+        return count_rejections(self.rejected)
 
-    def counts_by_reason(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for reason, _, rows in self.counts().iter_rows():
-            totals[reason] = totals.get(reason, 0) + rows
-        return totals
-
-    def describe_rejections(self, exclude_reasons: tuple[str, ...] = ()) -> str:
-        """Per (reason, column): the count, up to five rows with their stored value, and what was expected."""
-        rejected = self.rejected.filter(~pl.col(REASON).is_in(list(exclude_reasons)))
-        parts = []
-        for reason, column, rows in self.counts().iter_rows():
-            if reason in exclude_reasons:
-                continue
-            group = rejected.filter((pl.col(REASON) == reason) & (pl.col(COLUMN) == column))
-            shown = group.head(MAX_ROWS_SHOWN)
-            values = shown.get_column(column).to_list() if column in shown.columns else [None] * shown.height
-            lines = [f"    {self.row_label} {n}: {_show(v)}" for n, v in zip(shown.get_column(ROW), values)]
-            if rows > shown.height:
-                lines.append(f"    ... and {rows - shown.height} more")
-            expected = self.expected.get((reason, column), "")
-            parts.append(
-                f"  column '{column}': {rows} row(s) {REASONS[reason]} [{reason}]; expected {expected}:\n"
-                + "\n".join(lines)
-            )
-        return "\n".join(parts)
+    def rejected_examples(self) -> pl.DataFrame:
+        return self.rejected
 
 
 class RejectedRowsError(InputError):
-    """More rows were rejected than the policy allows; `load` holds them all."""
+    """More rows were rejected than the policy allows; `load` holds them all (or, spooled, says where they are)."""
 
-    def __init__(self, message: str, load: TableLoad):
+    def __init__(self, message: str, load: RejectionReport):
         super().__init__(message)
         self.load = load
 
 
-def enforce_policy(load: TableLoad, policy: RejectionPolicy, rejected_path: Path | None = None) -> None:
+def enforce_policy(load: RejectionReport, policy: RejectionPolicy, rejected_path: Path | None = None) -> None:
     """Raise `RejectedRowsError` when the rejected fraction (exempt reasons not counted) is above the policy's."""
-    exempt = load.rejected.filter(pl.col(REASON).is_in(list(policy.exempt_reasons))).height
-    counted = load.rejected.height - exempt
+    by_reason = load.counts_by_reason()
+    exempt = sum(by_reason.get(reason, 0) for reason in policy.exempt_reasons)
+    counted = load.rejected_rows - exempt
     if counted == 0 or counted <= policy.max_rejected_fraction * load.received:
         return
     share = counted / load.received

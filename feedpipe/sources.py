@@ -19,11 +19,18 @@ Two kinds of bad input (see docs/input-contract.md):
   offending rows and what was expected;
 - row-level: `load_*` returns a `TableLoad` with the row rejected for a reason (`feedpipe.quarantine.REASONS`).
 `read_*` are the strict forms: any rejected row raises `InputError`, otherwise the accepted frame comes back.
+
+Memory: `load_transactions_in_chunks` checks a Parquet transactions table a chunk at a time with the very checks of
+`load_transactions`, so the nightly load of the one table that grows without bound is bounded by the chunk size
+(`feedpipe.input_tables.stream_transactions`). Customers and products are loaded whole: telling a duplicate row
+from a conflicting one compares every row with every other, CSV role inference looks at every value of a column, and
+they hold one row per customer or product, which the model's embedding tables hold in memory anyway.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 
@@ -38,13 +45,14 @@ from feedpipe.quarantine import (
     INTERNAL_COLUMNS, REASON, ROW, STRICT, Rejection, RejectionPolicy, TableLoad, enforce_policy,
 )
 from feedpipe.table_files import (
-    MAX_ROWS_SHOWN, RawTable, StoredTable, check_required_columns, find_table_file, read_columns, read_schema,
+    MAX_ROWS_SHOWN, RawTable, StoredTable, check_required_columns, find_table_file, iter_columns, read_columns,
+    read_schema,
 )
 
 __all__ = [
     "FeatureSpec", "InputConfig", "InputConfigError", "InputError", "StoredTable", "TS_FORMATS", "find_table_file",
-    "infer_features", "load_customers", "load_products", "load_transactions", "read_customers", "read_products",
-    "read_transactions",
+    "infer_features", "load_customers", "load_products", "load_transactions", "load_transactions_in_chunks",
+    "read_customers", "read_products", "read_transactions",
 ]
 
 
@@ -93,15 +101,44 @@ def load_transactions(
 
     Other columns in the file are ignored (and not read). `config` is accepted for symmetry; no key applies here.
     """
+    (load,) = load_transactions_in_chunks(stored, config, policy, feed_date, chunk_rows=None)
+    return load
+
+
+def load_transactions_in_chunks(
+    stored: StoredTable,
+    config: InputConfig | None = None,
+    policy: RejectionPolicy = RejectionPolicy(),
+    feed_date: date | None = None,
+    chunk_rows: int | None = None,
+) -> Iterator[TableLoad]:
+    """`load_transactions`, one `TableLoad` per chunk of at most `chunk_rows` rows (None: one chunk).
+
+    A chunk's rows keep the whole table's row numbers. What only the whole table shows (no data rows; not one `ts`
+    value is a timestamp) is raised after the last chunk, so keep nothing before the generator is exhausted.
+    """
     schema = read_schema(stored)
     check_required_columns(stored, schema)
     quantity_dtype = schema.get(contract.QUANTITY)
     if quantity_dtype is not None and not (quantity_dtype.is_numeric() or quantity_dtype in (pl.Utf8, pl.Null)):
         raise InputError(f"{stored}: column '{contract.QUANTITY}' holds {quantity_dtype}; expected numbers")
     columns = [*contract.REQUIRED_COLUMNS[contract.TRANSACTIONS], *([contract.QUANTITY] if quantity_dtype else [])]
-    raw = _read_rows(stored, schema, columns)
-    frame = raw.frame
+    timestamps = _TimestampTally()
+    received = 0
+    for raw in iter_columns(stored, schema, columns, chunk_rows):
+        if raw.frame.is_empty():
+            continue
+        received += raw.frame.height
+        yield _check_transactions(raw, policy, feed_date, timestamps)
+    if received == 0:
+        raise InputError(f"{stored}: no data rows; expected at least one {stored.table} row after the header")
+    timestamps.fail_if_none_parses(stored)
 
+
+def _check_transactions(raw: RawTable, policy: RejectionPolicy, feed_date: date | None,
+                        timestamps: _TimestampTally) -> TableLoad:
+    stored, schema, frame = raw.stored, raw.schema, raw.frame
+    quantity_dtype = schema.get(contract.QUANTITY)
     quantity = float_expr(contract.QUANTITY, quantity_dtype) if quantity_dtype else pl.lit(None, pl.Float64)
     typed = frame.select(
         id_expr(stored, contract.CUSTOMER_ID, schema[contract.CUSTOMER_ID]),
@@ -110,7 +147,7 @@ def load_transactions(
         quantity.alias(contract.QUANTITY),
     )
     ts_present = frame.select(present(pl.col(contract.TS), schema[contract.TS])).to_series()
-    _fail_if_no_timestamp_parses(raw, ts_present, typed.get_column(contract.TS))
+    timestamps.add(raw, ts_present, typed.get_column(contract.TS))
 
     rejections = [*_utf8_rejections(raw), *_id_rejections(typed, contract.CUSTOMER_ID, policy),
                   *_id_rejections(typed, contract.PRODUCT_ID, policy)]
@@ -131,7 +168,7 @@ def load_transactions(
         rejections.append(Rejection("ts_after_feed_date", contract.TS, typed.get_column(contract.TS) >= cutoff,
                                     f"a timestamp before the feed date {feed_date} (the feed is built from the past)"))
     typed = typed.with_columns(pl.col(contract.QUANTITY).fill_null(1.0))
-    return TableLoad.build(stored, frame, typed, rejections)
+    return TableLoad.build(stored, frame, typed, rejections, offset=raw.offset)
 
 
 def load_customers(stored: StoredTable, config: InputConfig | None = None,
@@ -214,20 +251,35 @@ def _reject_duplicates(load: TableLoad, id_column: str) -> TableLoad:
     )
 
 
-def _fail_if_no_timestamp_parses(raw: RawTable, ts_present: pl.Series, parsed: pl.Series) -> None:
-    """A `ts` column where not one stored value parses is a wrong format, not a few bad rows: fatal."""
-    if not ts_present.any() or parsed.is_not_null().any():
-        return
-    stored = raw.stored
-    rows = ts_present.arg_true().head(MAX_ROWS_SHOWN)
-    values = raw.frame.get_column(contract.TS).gather(rows).to_list()
-    shown = "\n".join(f"    {stored.row_label} {i + stored.first_row_number}: {v!r}" for i, v in zip(rows, values))
-    if ts_present.sum() > len(rows):
-        shown += f"\n    ... and {int(ts_present.sum()) - len(rows)} more"
-    raise InputError(
-        f"{stored}: column '{contract.TS}': none of its {int(ts_present.sum()):,} value(s) is a timestamp; "
-        f"expected {TS_FORMATS}:\n{shown}"
-    )
+@dataclass
+class _TimestampTally:
+    """Over every chunk: how many `ts` values are stored, whether any parsed, and the first ones (for the message).
+
+    A `ts` column where not one stored value parses is a wrong format, not a few bad rows: fatal.
+    """
+
+    present: int = 0
+    parsed: bool = False
+    first: list[tuple[int, object]] = field(default_factory=list)  # (row index in the table, stored value)
+
+    def add(self, raw: RawTable, ts_present: pl.Series, parsed: pl.Series) -> None:
+        self.present += int(ts_present.sum())
+        self.parsed = self.parsed or bool(parsed.is_not_null().any())
+        if not self.parsed and len(self.first) < MAX_ROWS_SHOWN:
+            rows = ts_present.arg_true().head(MAX_ROWS_SHOWN - len(self.first))
+            values = raw.frame.get_column(contract.TS).gather(rows).to_list()
+            self.first += [(raw.offset + i, v) for i, v in zip(rows, values)]
+
+    def fail_if_none_parses(self, stored: StoredTable) -> None:
+        if self.present == 0 or self.parsed:
+            return
+        shown = "\n".join(f"    {stored.row_label} {i + stored.first_row_number}: {v!r}" for i, v in self.first)
+        if self.present > len(self.first):
+            shown += f"\n    ... and {self.present - len(self.first)} more"
+        raise InputError(
+            f"{stored}: column '{contract.TS}': none of its {self.present:,} value(s) is a timestamp; "
+            f"expected {TS_FORMATS}:\n{shown}"
+        )
 
 
 # --- roles -----------------------------------------------------------------------------------------------------------

@@ -8,6 +8,11 @@ quarantine: a CSV cell or Parquet binary value that is not valid UTF-8 does not 
 
 Row numbers are the ones a person finds in the file: CSV "line N" counts the header as line 1, Parquet "row N" counts
 data rows from 1 (see `InputError`).
+
+`iter_columns` reads a Parquet file a chunk at a time (pyarrow record batches: memory bounded by the chunk and the
+file's row group, not by the table), which is how a table larger than memory is checked. CSV comes as one chunk: its
+reader must see every line to report malformed ones by line number, and a CSV export is the small-data path (a large
+table comes from Postgres, spooled as Parquet in chunks, or as Parquet).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import codecs
 import contextvars
 import csv
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +29,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from feedpipe import contract
 from feedpipe.input_config import InputError
@@ -74,6 +81,8 @@ class RawTable:
     frame: pl.DataFrame
     invalid_utf8: dict[str, pl.Series] = field(default_factory=dict)
     """Column -> Boolean mask of the cells that are not valid UTF-8 (only columns that have any)."""
+    offset: int = 0
+    """Rows of the table before these: 0, unless this is a later chunk of `iter_columns`."""
 
 
 def find_table_file(data_dir: str | Path, table: str) -> Path:
@@ -145,6 +154,34 @@ def read_columns(stored: StoredTable, schema: pl.Schema, columns: list[str]) -> 
             table = pl.scan_parquet(stored.path).select(columns).collect().to_arrow()
     except (OSError, pa.ArrowException, pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
         raise InputError(f"{stored}: cannot read the file ({_expected_format(stored)}): {exc}") from exc
+    return _as_stored(stored, schema, table)
+
+
+def iter_columns(stored: StoredTable, schema: pl.Schema, columns: list[str],
+                 chunk_rows: int | None) -> Iterator[RawTable]:
+    """`read_columns` in chunks of at most `chunk_rows` rows (Parquet; CSV and `chunk_rows=None`: one chunk)."""
+    if stored.is_csv or chunk_rows is None:
+        yield read_columns(stored, schema, columns)
+        return
+    offset = 0
+    try:
+        # pre_buffer=False: with pyarrow's default read-ahead, iter_batches keeps every row group it has read in its
+        # cache until the file is closed, so memory grows with the file (measured: +20 MB per 2.5M spooled rows).
+        batches = pq.ParquetFile(stored.path, pre_buffer=False).iter_batches(batch_size=chunk_rows, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{stored}: cannot read the file ({_expected_format(stored)}): {exc}") from exc
+    while True:
+        try:
+            batch = next(batches, None)  # a damaged row group shows only when it is read
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{stored}: cannot read the file ({_expected_format(stored)}): {exc}") from exc
+        if batch is None:
+            return
+        yield _as_stored(stored, schema, batch, offset)
+        offset += batch.num_rows
+
+
+def _as_stored(stored: StoredTable, schema: pl.Schema, table: pa.Table | pa.RecordBatch, offset: int = 0) -> RawTable:
     decoded, invalid = {}, {}
     for name in table.column_names:
         values = table.column(name)
@@ -156,7 +193,7 @@ def read_columns(stored: StoredTable, schema: pl.Schema, columns: list[str]) -> 
             decoded[name] = pl.from_arrow(values)
     # A dict keeps an empty column name (a header "a,b,"); a list of Series would rename it "column_0".
     frame = pl.DataFrame({name: decoded[name] for name in table.column_names})
-    return RawTable(stored, schema, frame, invalid)
+    return RawTable(stored, schema, frame, invalid, offset)
 
 
 def _read_csv(stored: StoredTable, schema: pl.Schema, columns: list[str], use_threads: bool = True) -> pa.Table:

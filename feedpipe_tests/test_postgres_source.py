@@ -106,6 +106,45 @@ def test_export_fetches_in_chunks_through_a_server_side_cursor(source_db, tmp_pa
     assert pl.read_parquet(export.stored.path).height == 25
 
 
+def test_only_the_columns_the_loader_reads_leave_the_database(source_db, tmp_path):
+    with connect(source_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE sales.orders ADD COLUMN note text DEFAULT repeat('x', 2000)")
+
+    export = export_table(source_db, source(), TRANSACTIONS, tmp_path)
+
+    assert list(pl.read_parquet_schema(export.stored.path)) == [CUSTOMER_ID, PRODUCT_ID, TS, QUANTITY]
+    assert export.rows == 25
+
+
+def test_transactions_without_a_required_column_fail_before_a_row_is_fetched(source_db, tmp_path):
+    fetched = []
+    no_ts = PostgresTableSource(table="orders", schema="sales", columns={CUSTOMER_ID: "cust_no", PRODUCT_ID: "sku"})
+
+    with pytest.raises(InputError, match=r"^postgres table sales\.orders: missing required column\(s\) 'ts'; "
+                                         r"found 'customer_id', 'product_id', 'ordered_at', 'qty'$"):
+        export_table(source_db, source(transactions=no_ts), TRANSACTIONS, tmp_path, lambda rows, _: fetched.append(rows))
+
+    assert fetched == []
+
+
+def test_streamed_postgres_transactions_load_like_the_whole_table(source_db, tmp_path):
+    config = InputConfig(postgres=source(chunk_rows=4))
+    stored = {}
+    opened = [open_table(t, None, config, tmp_path / "spool") for t in contract.TABLES]
+    for table, context in zip(contract.TABLES, opened):
+        stored[table] = context.__enter__()
+    try:
+        whole = load_input_tables(stored, config, LENIENT, FEED_DATE).transactions
+        streamed = load_input_tables(stored, config, LENIENT, FEED_DATE, spool_dir=tmp_path / "load").transactions
+    finally:
+        for context in opened:
+            context.__exit__(None, None, None)
+
+    assert streamed.received == whole.received == 25
+    assert streamed.accepted.equals(whole.accepted) and streamed.rejected.equals(whole.rejected)
+    assert streamed.source == whole.source == "postgres table sales.orders"
+
+
 def test_bad_rows_in_postgres_are_rejected_with_row_numbers_in_query_order(source_db, tmp_path):
     with connect(source_db, autocommit=True) as conn:
         conn.execute("CREATE TABLE messy AS SELECT * FROM (VALUES (1, 'c1', 'p1', timestamp '2024-02-02', 1.0),"

@@ -6,6 +6,7 @@ import re
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from feedpipe import contract
 from feedpipe.input_config import InputError
@@ -58,3 +59,36 @@ def test_row_level_case_is_accepted_with_exact_rejected_counts(case, tmp_path):
         on_disk = pl.read_parquet(path)
         assert on_disk.height == load_.rejected.height
         assert on_disk.get_column(REASON).null_count() == 0
+
+
+def load_outcome(case: Case, directory, spool_dir=None):
+    """What loading ends in: the message of the error it raises, or every table's counts, rows and policy message."""
+    try:
+        stored = {table: StoredTable.find(directory, table) for table in contract.TABLES}
+        policy = RejectionPolicy(max_rejected_fraction=case.max_rejected_fraction)
+        tables = load_input_tables(stored, case.config, {t: policy for t in contract.TABLES}, FEED_DATE,
+                                   spool_dir=spool_dir, chunk_rows=2)
+    except InputError as exc:
+        return type(exc).__name__, str(exc)
+    return {table: (load_.received, load_.counts().rows(), load_.accepted, load_.rejected,
+                    load_.describe_rejections()) for table, load_ in tables.loads().items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_streamed_transactions_load_exactly_like_the_whole_table(case, tmp_path):
+    case.write(tmp_path / "data")
+
+    whole = load_outcome(case, tmp_path / "data")
+    streamed = load_outcome(case, tmp_path / "data", spool_dir=tmp_path / "spool")
+
+    if isinstance(whole, tuple):
+        assert streamed == whole
+        if whole[0] != "RejectedRowsError":  # a policy breach keeps its rejected rows to look at; a fatal, nothing
+            assert not list((tmp_path / "spool").glob("*"))
+        return
+    for table in contract.TABLES:
+        received, counts, accepted, rejected, message = whole[table]
+        assert streamed[table][:2] == (received, counts)
+        assert_frame_equal(streamed[table][2], accepted)
+        assert_frame_equal(streamed[table][3], rejected)
+        assert streamed[table][4] == message
