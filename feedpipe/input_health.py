@@ -12,7 +12,7 @@ from datetime import date, datetime, timedelta
 
 import polars as pl
 
-from feedpipe.contract import DENSE
+from feedpipe.contract import DENSE, TS
 from feedpipe.sources import FeatureSpec
 from feedpipe.vocabularies import Vocabularies, feature_key, oov_share
 
@@ -30,8 +30,9 @@ class Freshness:
         return self.age_days is not None and self.age_days <= self.max_age_days
 
 
-def freshness(ts: pl.Series, feed_date: date, max_age_days: float) -> Freshness:
-    latest = ts.max()
+def freshness(ts: pl.Series | datetime | None, feed_date: date, max_age_days: float) -> Freshness:
+    """`ts`: the accepted timestamps, or only the newest of them (None: there are none)."""
+    latest = ts.max() if isinstance(ts, pl.Series) else ts
     if latest is None:
         return Freshness(None, None, max_age_days)
     age = datetime.combine(feed_date, datetime.min.time()) - latest
@@ -61,18 +62,28 @@ class DailyVolume:
         return change is not None and abs(change) > self.max_change
 
 
-def daily_volume(ts: pl.Series, feed_date: date, trailing_days: int, max_change: float) -> DailyVolume:
+def counts_per_day(ts: pl.Series | pl.LazyFrame) -> pl.DataFrame:
+    """`day` (Date), `n`: transactions per calendar day, sorted. A lazy frame with a `ts` column (the accepted
+    transactions on disk) is counted by polars' streaming engine, so the column is never held whole."""
+    frame = ts.to_frame(TS) if isinstance(ts, pl.Series) else ts.select(TS)
+    per_day = frame.lazy().group_by(pl.col(TS).dt.date().alias("day")).agg(pl.len().cast(pl.Int64).alias("n"))
+    return per_day.drop_nulls("day").sort("day").collect(engine="streaming")
+
+
+def daily_volume(ts: pl.Series | pl.DataFrame, feed_date: date, trailing_days: int, max_change: float) -> DailyVolume:
     """Counts per calendar day (days without transactions count 0) over the `trailing_days` before the last day,
-    starting no earlier than the first transaction (an export that began last week has a week of history)."""
+    starting no earlier than the first transaction (an export that began last week has a week of history).
+
+    `ts`: the accepted timestamps, or their `counts_per_day`.
+    """
+    per_day = counts_per_day(ts) if isinstance(ts, pl.Series) else ts
     day = feed_date - timedelta(days=1)
-    days = ts.dt.date()
-    count = int((days == day).sum())
-    first = days.min()
+    count = int(per_day.filter(pl.col("day") == day).get_column("n").sum())
+    first = per_day.get_column("day").min()
     start = max(first, day - timedelta(days=trailing_days)) if first is not None else day
     if start >= day:
         return DailyVolume(day, count, None, 0, max_change)
     calendar = pl.DataFrame({"day": pl.date_range(start, day - timedelta(days=1), "1d", eager=True)})
-    per_day = days.filter((days >= start) & (days < day)).value_counts(name="n").rename({days.name: "day"})
     trailing = calendar.join(per_day, on="day", how="left").get_column("n").fill_null(0)
     return DailyVolume(day, count, float(trailing.median()), trailing.len(), max_change)
 

@@ -86,6 +86,10 @@ def test_rejected_rows_go_to_parquet_beside_the_outputs_with_counts_per_reason(t
     assert pl.read_parquet(metadata(result, PRODUCTS)["rejected_rows"]).is_empty()  # written even when empty
     found = checks(result)
     assert found["referential_integrity"].passed and found["freshness"].passed and found["daily_volume"].passed
+    assert found["referential_integrity"].metadata["accepted_rows_with_unknown_ids"].value == 0
+    # The accepted rows were written in chunks and moved into place; the spool is empty again.
+    assert pl.read_parquet(tmp_path / "artifacts" / TRANSACTIONS / f"{PARTITION}.parquet").height == 126
+    assert not list((tmp_path / "artifacts" / "spool").iterdir())
 
 
 def test_policy_breach_fails_the_asset_with_the_message_and_counts(tmp_path):
@@ -103,6 +107,8 @@ def test_policy_breach_fails_the_asset_with_the_message_and_counts(tmp_path):
     assert failure.step_failure_data.user_failure_data.metadata["rejected_counts"].value == {"non_positive_quantity": 6}
     assert pl.read_parquet(tmp_path / "artifacts" / "rejected" / TRANSACTIONS / f"{PARTITION}.parquet").height == 6
     assert not result.asset_materializations_for_node(TRANSACTIONS)
+    assert not (tmp_path / "artifacts" / TRANSACTIONS).exists()
+    assert not list((tmp_path / "artifacts" / "spool").iterdir())  # the accepted rows spooled before the breach: gone
 
     relaxed = materialize(INPUTS, resources(tmp_path, tmp_path / "data"), lenient(0.05))
     assert relaxed.success

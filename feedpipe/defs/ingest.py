@@ -5,6 +5,10 @@ writes the rejected rows to `<artifacts>/rejected/<table>/<feed date>.parquet` (
 counts per reason in metadata, and applies its rejection policy (the asset's config). Transactions are checked
 against the accepted customers and products, so they depend on those two assets.
 
+Transactions are checked a chunk at a time (`stream_transactions`, `chunk_rows` of the input config): accepted rows
+go straight to a Parquet file that becomes the asset's output, and the checks below read it lazily, so this step's
+memory is set by the chunk size and the customer and product ids, not by the number of transactions.
+
 A fatal input problem or a policy breach fails the asset with the loader's message (file, column, rows, what was
 expected); nothing downstream runs, so the feed being served stays as it is.
 """
@@ -20,18 +24,20 @@ from pydantic import Field
 from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS, TRANSACTIONS, TS
 from feedpipe.database import DatabaseError
 from feedpipe.defs.io_manager import latest_partition_before
-from feedpipe.defs.metadata import frame_metadata, markdown_table
+from feedpipe.defs.metadata import frame_metadata, markdown_table, table_metadata
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ArtifactsResource, DataResource
 from feedpipe.input_config import InputError
-from feedpipe.input_health import daily_volume, freshness, vocabulary_drift
-from feedpipe.input_tables import open_table, reject_unknown_references
-from feedpipe.quarantine import REASONS, RejectionPolicy, TableLoad, enforce_policy, write_rejected
-from feedpipe.sources import infer_features, load_customers, load_products, load_transactions
+from feedpipe.input_health import counts_per_day, daily_volume, freshness, vocabulary_drift
+from feedpipe.input_tables import References, open_table, stream_transactions
+from feedpipe.quarantine import REASONS, RejectionPolicy, RejectionReport, TableLoad, enforce_policy, write_rejected
+from feedpipe.sources import infer_features, load_customers, load_products
+from feedpipe.spooled_load import SpooledLoad, SpooledParquet
 from feedpipe.table_files import StoredTable
 from feedpipe.vocabularies import Vocabularies, side_specs
 
 REJECTED_DIR = "rejected"
+SPOOL_DIR = "spool"
 
 
 def feed_date_of(context: dg.AssetExecutionContext) -> date:
@@ -121,20 +127,37 @@ def transactions(context: dg.AssetExecutionContext, config: TransactionsConfig, 
     an accepted customer and product; later and dangling rows are rejected with their reason."""
     feed_date = feed_date_of(context)
     policy = config.policy()
+    references = References.of(customers, products)
+    rejected_path = _rejected_path(context, TRANSACTIONS, artifacts)
+    # Beside the artifacts, so that handing the file to the IO manager is a rename.
+    accepted_path = artifacts.path(SPOOL_DIR, f"{TRANSACTIONS}-{context.partition_key}-{context.run_id}.parquet")
 
-    def load(stored: StoredTable) -> TableLoad:
-        loaded = load_transactions(stored, data.config(), policy, feed_date)
-        return reject_unknown_references(loaded, customers, products)
+    def load(stored: StoredTable) -> SpooledLoad:
+        return stream_transactions(stored, references, accepted_path, rejected_path, policy, feed_date,
+                                   data.config().chunk_rows)
 
-    tx = _load(context, TRANSACTIONS, data, artifacts, policy, load)
-    accepted = tx.accepted
-    if accepted.is_empty():
-        raise dg.Failure(f"{tx.source}: no transactions accepted before the feed date {feed_date}")
-    ts = accepted.get_column(TS)
-    yield _output(tx, context, artifacts, first_ts=str(ts.min()), last_ts=str(ts.max()))
-    yield _integrity_check(tx, accepted, customers, products)
+    try:
+        tx = _load(context, TRANSACTIONS, data, artifacts, policy, load)
+        if tx.accepted_rows == 0:
+            raise dg.Failure(f"{tx.source}: no transactions accepted before the feed date {feed_date}")
+        accepted = tx.scan_accepted()
+        span = accepted.select(pl.col(TS).min().alias("first"), pl.col(TS).max().alias("last"))
+        first_ts, last_ts = span.collect(engine="streaming").row(0)
+        per_day = counts_per_day(accepted)
+        dangling = accepted.filter(
+            ~pl.col(CUSTOMER_ID).is_in(customers.get_column(CUSTOMER_ID))
+            | ~pl.col(PRODUCT_ID).is_in(products.get_column(PRODUCT_ID))
+        ).select(pl.len()).collect(engine="streaming").item()
+        schema = accepted.collect_schema()
+    except BaseException:
+        accepted_path.unlink(missing_ok=True)
+        raise
+    metadata = table_metadata(schema, tx.accepted_rows, **_rejection_metadata(tx, rejected_path),
+                              first_ts=str(first_ts), last_ts=str(last_ts))
+    yield dg.Output(SpooledParquet(accepted_path), metadata=metadata)
+    yield _integrity_check(tx, dangling)
 
-    fresh = freshness(ts, feed_date, config.max_age_days)
+    fresh = freshness(last_ts, feed_date, config.max_age_days)
     yield dg.AssetCheckResult(
         check_name="freshness",
         passed=fresh.passed,
@@ -142,7 +165,7 @@ def transactions(context: dg.AssetExecutionContext, config: TransactionsConfig, 
         description=None if fresh.passed else f"the newest transaction ({fresh.latest}) is {fresh.age_days:.1f} days "
         f"before the feed date; is the export still updating?",
     )
-    volume = daily_volume(ts, feed_date, config.volume_trailing_days, config.volume_max_change)
+    volume = daily_volume(per_day, feed_date, config.volume_trailing_days, config.volume_max_change)
     yield dg.AssetCheckResult(
         check_name="daily_volume",
         passed=not volume.anomalous,
@@ -162,21 +185,25 @@ def transactions(context: dg.AssetExecutionContext, config: TransactionsConfig, 
 
 
 def _load(context: dg.AssetExecutionContext, table: str, data: DataResource, artifacts: ArtifactsResource,
-          policy: RejectionPolicy, loader: Callable[[StoredTable], TableLoad]) -> TableLoad:
-    """Read, quarantine, write the rejected rows, enforce the policy; input problems become a `dg.Failure`."""
+          policy: RejectionPolicy, loader: Callable[[StoredTable], RejectionReport]) -> RejectionReport:
+    """Read, quarantine, write the rejected rows, enforce the policy; input problems become a `dg.Failure`.
+
+    A `TableLoad` is in memory and its rejected rows are written here; a `SpooledLoad` wrote its own as it went.
+    """
     rejected_path = _rejected_path(context, table, artifacts)
     rejected_path.unlink(missing_ok=True)  # a stale file from an earlier run of this partition would mislead
     try:
         input_config = data.config()
         data_dir = data.directory() if input_config.postgres is None else None
-        with open_table(table, data_dir, input_config, artifacts.path("spool")) as stored:
+        with open_table(table, data_dir, input_config, artifacts.path(SPOOL_DIR)) as stored:
             load = loader(stored)
-        write_rejected(load, rejected_path)
+        if isinstance(load, TableLoad):
+            write_rejected(load, rejected_path)
         enforce_policy(load, policy, rejected_path)
     except (InputError, DatabaseError) as exc:
         metadata = _rejection_metadata(exc.load, rejected_path) if hasattr(exc, "load") else {}
         raise dg.Failure(description=str(exc), metadata=metadata, allow_retries=False) from None
-    context.log.info(f"{table}: {load.accepted.height:,} of {load.received:,} rows accepted from {load.source}")
+    context.log.info(f"{table}: {load.received - load.rejected_rows:,} of {load.received:,} rows accepted from {load.source}")
     return load
 
 
@@ -184,12 +211,12 @@ def _rejected_path(context: dg.AssetExecutionContext, table: str, artifacts: Art
     return artifacts.path(REJECTED_DIR, table, f"{context.partition_key}.parquet")
 
 
-def _rejection_metadata(load: TableLoad, rejected_path: Path) -> dict:
+def _rejection_metadata(load: RejectionReport, rejected_path: Path) -> dict:
     counts = load.counts()
     return {
         "rows_received": load.received,
-        "rows_accepted": load.received - load.rejected.height,
-        "rows_rejected": load.rejected.height,
+        "rows_accepted": load.received - load.rejected_rows,
+        "rows_rejected": load.rejected_rows,
         "rejected_by_reason": markdown_table(counts.to_dicts()),
         "rejected_counts": dg.MetadataValue.json(load.counts_by_reason()),
         "rejected_rows": dg.MetadataValue.path(str(rejected_path)),
@@ -206,12 +233,8 @@ def _features(table: str, df: pl.DataFrame, data: DataResource) -> dg.MetadataVa
     return markdown_table([{"column": s.name, "role": s.role} for s in infer_features(table, df, data.config())])
 
 
-def _integrity_check(tx: TableLoad, accepted: pl.DataFrame, customers: pl.DataFrame,
-                     products: pl.DataFrame) -> dg.AssetCheckResult:
-    dangling = accepted.filter(
-        ~pl.col(CUSTOMER_ID).is_in(customers.get_column(CUSTOMER_ID))
-        | ~pl.col(PRODUCT_ID).is_in(products.get_column(PRODUCT_ID))
-    ).height
+def _integrity_check(tx: RejectionReport, dangling: int) -> dg.AssetCheckResult:
+    """`dangling`: accepted rows whose customer or product is not among the accepted ones (0 by construction)."""
     counts = tx.counts_by_reason()
     return dg.AssetCheckResult(
         check_name="referential_integrity",

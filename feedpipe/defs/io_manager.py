@@ -2,6 +2,8 @@
 
 Path: <artifacts root>/<asset>/<partition>[.parquet]. A `_class` file in each object directory
 names the class to load it with, so downstream assets need no knowledge of how it was written.
+An asset that wrote its table to Parquet itself, a chunk at a time (transactions), returns a
+`SpooledParquet`: the file is moved into place, and downstream assets load a frame as from any other.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dagster as dg
 import polars as pl
 
 from feedpipe.defs.resources import ArtifactsResource
+from feedpipe.spooled_load import SpooledParquet
 
 
 def _key_path(context: dg.OutputContext | dg.InputContext, root: Path) -> Path:
@@ -28,9 +31,12 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj) -> None:
         base = _key_path(context, self.artifacts.path())
         base.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(obj, pl.DataFrame):
+        if isinstance(obj, (pl.DataFrame, SpooledParquet)):
             tmp = base.with_suffix(".parquet.tmp")
-            obj.write_parquet(tmp)
+            if isinstance(obj, SpooledParquet):
+                shutil.move(obj.path, tmp)  # a rename when the spool is on the artifacts' filesystem
+            else:
+                obj.write_parquet(tmp)
             tmp.replace(base.with_suffix(".parquet"))  # atomic: a crash never leaves half a file
             context.add_output_metadata({"path": dg.MetadataValue.path(str(base.with_suffix(".parquet")))})
             return

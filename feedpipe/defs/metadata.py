@@ -6,12 +6,18 @@ import dagster as dg
 import polars as pl
 
 
-def table_schema(df: pl.DataFrame) -> dg.TableSchema:
-    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in df.schema.items()])
+def table_schema(df: pl.DataFrame | pl.Schema) -> dg.TableSchema:
+    schema = df if isinstance(df, pl.Schema) else df.schema
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in schema.items()])
 
 
 def frame_metadata(df: pl.DataFrame, **extra) -> dict:
-    return {"dagster/row_count": df.height, "dagster/column_schema": table_schema(df), **extra}
+    return table_metadata(df.schema, df.height, **extra)
+
+
+def table_metadata(schema: pl.Schema, rows: int, **extra) -> dict:
+    """`frame_metadata` for a table that is not in memory (a Parquet file written in chunks)."""
+    return {"dagster/row_count": rows, "dagster/column_schema": table_schema(schema), **extra}
 
 
 def markdown_table(rows: list[dict]) -> dg.MetadataValue:
