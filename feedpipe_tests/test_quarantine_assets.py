@@ -1,7 +1,10 @@
 """The input assets under Dagster: rejected Parquet beside the outputs, counts in metadata, the policy as config, the
-input checks, a failed load that leaves the served feed untouched, and the CLI's message for broken input."""
+input checks, a failed load that leaves the feed served by the real nightly job untouched, and the CLI's message for
+broken input."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from datetime import date, datetime, timedelta
@@ -12,11 +15,13 @@ import polars as pl
 import pytest
 
 from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS, QUANTITY, TRANSACTIONS, TS
-from feedpipe.database import connect
+from feedpipe.database import DATABASE_URL_ENV, HOME_ENV, connect
+from feedpipe.definitions import defs
 from feedpipe.defs import ingest
 from feedpipe.defs.io_manager import ArtifactIOManager
+from feedpipe.defs.launchers import LAUNCHER_ENV
 from feedpipe.defs.resources import ArtifactsResource, DatabaseResource, DataResource
-from feedpipe.publishing import FeedArrays, publish_feed
+from feedpipe.demo_data import generate_demo_data
 from feedpipe.quarantine import REASON
 from feedpipe.sources import FeatureSpec
 from feedpipe.vocabularies import build_vocabularies
@@ -153,35 +158,100 @@ def test_vocabulary_drift_warns_when_values_are_unknown_to_the_last_vocabularies
     assert "customers.region 100.0%" in drift.description and "customer_id" not in drift.description
 
 
-@dg.asset(partitions_def=ingest.feed_date_partitions, deps=[TRANSACTIONS, CUSTOMERS, PRODUCTS])
-def stand_in_feed(context: dg.AssetExecutionContext, database: DatabaseResource) -> None:
-    """Downstream of the inputs like ranked_feed: publishes a different feed if it ever runs."""
-    publish_feed(database.url(), FeedArrays(["c1"], ["p9"], [1], [0.5]), feed_date=FEED_DATE, model_version="new")
+# The nightly job as test_assets.py runs it on tiny data: few epochs, no LightGBM, no popularity gate (tiny data).
+FAST_NIGHT = {"ops": {
+    "training_examples": {"config": {"negatives_per_positive": 4}},
+    "dlrm_model": {"config": {"epochs": 2, "min_validation_auc": 0.5}},
+    "model_evaluation": {"config": {"lightgbm": False, "min_margin_over_popularity": -1.0}},
+}}
+SERVED_DEMO_DATE, NEXT_NIGHT = "2026-03-31", "2026-04-01"
 
 
-@pytest.mark.parametrize("broken", ["missing_column", "above_policy"])
-def test_a_failed_load_leaves_current_feed_byte_for_byte_unchanged(broken, tmp_path, pg_url, monkeypatch):
-    monkeypatch.setenv("FEEDPIPE_DATABASE_URL", pg_url)
-    publish_feed(pg_url, FeedArrays(["c1", "c1", "c2"], ["p1", "p2", "p1"], [1, 2, 1], [0.9, 0.4, 0.7]),
-                 feed_date=FEED_DATE - timedelta(days=1), model_version="yesterday")
-    snapshot = "select md5(string_agg(f::text, E'\\n' order by 1, 3)), count(*) from feedpipe.current_feed f"
-    with connect(pg_url) as conn:
-        before = conn.execute("select * from feedpipe.current_feed order by 1, 3").fetchall()
-        before_md5 = conn.execute(snapshot).fetchone()
-    tx = daily_transactions()
-    write_set(tmp_path / "data", "csv", transactions=tx.drop(TS) if broken == "missing_column" else tx.with_columns(pl.lit(0).alias(QUANTITY)))
+@pytest.fixture
+def nightly(tmp_path, pg_url, monkeypatch):
+    """Runs the real `nightly_feed` job with its own resources, which read the environment as under `feedpipe run`."""
+    monkeypatch.setenv(DATABASE_URL_ENV, pg_url)
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    for name in ("FEEDPIPE_INPUT_CONFIG", LAUNCHER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    job, instance = defs.resolve_job_def("nightly_feed"), dg.DagsterInstance.ephemeral()
 
-    result = materialize([*INPUTS, stand_in_feed], resources(tmp_path, tmp_path / "data"))
+    def run(data_dir: Path, feed_date: str):
+        monkeypatch.setenv("FEEDPIPE_DATA_DIR", str(data_dir))
+        return job.execute_in_process(partition_key=feed_date, run_config=FAST_NIGHT, instance=instance,
+                                      raise_on_error=False)
 
-    assert not result.success
-    assert not result.asset_materializations_for_node("stand_in_feed")
-    with connect(pg_url) as conn:
-        assert conn.execute("select * from feedpipe.current_feed order by 1, 3").fetchall() == before
-        assert conn.execute(snapshot).fetchone() == before_md5
-    write_set(tmp_path / "data", "csv", transactions=tx)  # the control: with good input the stand-in does publish
-    assert materialize([*INPUTS, stand_in_feed], resources(tmp_path, tmp_path / "data")).success
-    with connect(pg_url) as conn:
-        assert conn.execute("select * from feedpipe.current_feed").fetchall() != before
+    return run
+
+
+def served_bytes(url: str) -> bytes:
+    """Everything a reader or the next publish sees, as bytes: the served rows (binary COPY, in key order), every
+    version's bookkeeping row, the view's definition and the feed tables that exist."""
+    queries = [
+        "COPY (SELECT * FROM feedpipe.current_feed ORDER BY customer_id, rank) TO STDOUT (FORMAT binary)",
+        "COPY (SELECT * FROM feedpipe.feed_versions ORDER BY version) TO STDOUT (FORMAT binary)",
+        "COPY (SELECT pg_get_viewdef('feedpipe.current_feed'), string_agg(tablename, ',' ORDER BY tablename) "
+        "FROM pg_tables WHERE schemaname = 'feedpipe') TO STDOUT",
+    ]
+    dump = bytearray()
+    with connect(url) as conn, conn.cursor() as cur:
+        for query in queries:
+            with cur.copy(query) as copy:
+                for block in copy:
+                    dump += block
+    return bytes(dump)
+
+
+def broken_copy(demo: Path, target: Path, breakage: str) -> Path:
+    """The demo set with its transactions broken: a `ts` format no parser knows (fatal: a verdict on the whole
+    column, reached after the last chunk), or 5% of quantities zero (row-level, over the default 1% policy)."""
+    shutil.copytree(demo, target)
+    tx = pl.read_parquet(demo / f"{TRANSACTIONS}.parquet")
+    if breakage == "fatal":
+        tx = tx.with_columns(pl.col(TS).dt.strftime("%m/%d/%Y"))  # an export whose date format changed
+    else:
+        tx = tx.with_columns(pl.when(pl.int_range(pl.len()) % 20 == 0).then(0).otherwise(pl.col(QUANTITY))
+                             .cast(tx.schema[QUANTITY]).alias(QUANTITY))
+    tx.write_parquet(target / f"{TRANSACTIONS}.parquet")
+    return target
+
+
+def step_failure_message(result, step: str) -> str:
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert failure.step_key == step
+    return failure.step_failure_data.error.message
+
+
+def test_a_failed_load_leaves_the_feed_served_by_the_real_nightly_job_byte_for_byte_unchanged(nightly, pg_url,
+                                                                                              tmp_path):
+    demo = tmp_path / "demo"
+    generate_demo_data(demo, customers=150, products=40, days=30, end_date=date(2026, 3, 30), seed=5)
+    published = nightly(demo, SERVED_DEMO_DATE)
+    assert published.success, [e.step_failure_data.error.message for e in published.all_events if e.is_step_failure]
+    before = served_bytes(pg_url)
+    with connect(pg_url) as conn:  # what was dumped is the feed: every customer, up to 20 products each
+        served = "select count(distinct customer_id), count(*) from feedpipe.current_feed"
+        customers_served, rows = conn.execute(served).fetchone()
+    assert customers_served == 150 and rows == metadata(published, "ranked_feed")["dagster/row_count"] > 150 * 19
+
+    fatal = nightly(broken_copy(demo, tmp_path / "fatal", "fatal"), NEXT_NIGHT)
+    above_policy = nightly(broken_copy(demo, tmp_path / "above_policy", "above_policy"), NEXT_NIGHT)
+
+    fatal_file, policy_file = (re.escape(str(tmp_path / d / "transactions.parquet")) for d in ("fatal", "above_policy"))
+    assert re.search(rf"{fatal_file}: column 'ts': none of its 7,\d\d\d value\(s\) is a timestamp; expected .*\n"
+                     r"    row 1: '0\d/\d\d/2026'", step_failure_message(fatal, TRANSACTIONS))
+    assert re.search(rf"{policy_file}: \d+ of 7,\d\d\d transactions rows rejected \(5\.0%\); the rejection policy "
+                     r"allows at most 1\.0%.*column 'quantity'.*\[non_positive_quantity\]",
+                     step_failure_message(above_policy, TRANSACTIONS), flags=re.DOTALL)
+    for failed in (fatal, above_policy):
+        assert not failed.success
+        assert not failed.asset_materializations_for_node("dlrm_model")
+        assert not failed.asset_materializations_for_node("ranked_feed")
+        assert served_bytes(pg_url) == before
+    # The control: the same job on the good data of that night does publish, and the dump sees it.
+    assert nightly(demo, NEXT_NIGHT).success
+    after = served_bytes(pg_url)
+    assert after != before and len(after) > len(before)  # one more version row, the same rows per customer
 
 
 def test_postgres_source_feeds_the_input_assets(tmp_path, pg_url, monkeypatch):
