@@ -28,7 +28,8 @@ SETUP = """
 CREATE TABLE memory_customers AS
   SELECT encode(sha256(('c' || i)::bytea), 'hex') AS customer_id, i % 90 AS age FROM generate_series(0, 19999) i;
 CREATE TABLE memory_products AS
-  SELECT encode(sha256(('p' || i)::bytea), 'hex') AS product_id, (i % 50)::float8 AS price FROM generate_series(0, 4999) i;
+  SELECT encode(sha256(('p' || i)::bytea), 'hex') AS product_id, (i % 50)::float8 AS price
+  FROM generate_series(0, 4999) i;
 """
 TRANSACTIONS = """
 CREATE UNLOGGED TABLE {name} AS SELECT

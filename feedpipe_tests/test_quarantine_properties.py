@@ -172,7 +172,8 @@ def test_any_mutation_loads_the_same_streamed_in_chunks_as_whole(mutations, frac
         for spool_dir in (None, directory / "spool"):
             try:
                 stored = {t: StoredTable.find(directory, t) for t in TABLES}
-                tx = load_input_tables(stored, None, policies, FEED_DATE, spool_dir=spool_dir, chunk_rows=3).transactions
+                tables = load_input_tables(stored, None, policies, FEED_DATE, spool_dir=spool_dir, chunk_rows=3)
+                tx = tables.transactions
                 outcomes.append((tx.received, tx.counts().rows(), tx.describe_rejections(), tx.accepted, tx.rejected))
             except InputError as exc:
                 # A damaged file is reported by whichever reader met it (polars whole, pyarrow in chunks), each in

@@ -203,7 +203,8 @@ def _load(context: dg.AssetExecutionContext, table: str, data: DataResource, art
     except (InputError, DatabaseError) as exc:
         metadata = _rejection_metadata(exc.load, rejected_path) if hasattr(exc, "load") else {}
         raise dg.Failure(description=str(exc), metadata=metadata, allow_retries=False) from None
-    context.log.info(f"{table}: {load.received - load.rejected_rows:,} of {load.received:,} rows accepted from {load.source}")
+    accepted = load.received - load.rejected_rows
+    context.log.info(f"{table}: {accepted:,} of {load.received:,} rows accepted from {load.source}")
     return load
 
 
