@@ -2,8 +2,10 @@
 
 import numpy as np
 import polars as pl
+import torch
 
 from feedpipe.contract import CATEGORICAL, CUSTOMERS, DENSE, MULTI_CATEGORICAL, PRODUCTS
+from feedpipe.feature_tensors import SideTensors
 from feedpipe.sources import FeatureSpec
 from feedpipe.training_examples import LABEL, SPLIT
 from feedpipe.vocabularies import build_vocabularies, encode_table
@@ -51,3 +53,14 @@ def grouped_data(n_customers=120, n_products=40, groups=3, seed=0):
     enc_p = encode_table(products, "product_id", PRODUCT_SPECS, vocab)
     examples = pairs.join(enc_c, on="customer_id").join(enc_p, on="product_id")
     return customers, products, vocab, examples
+
+
+def random_side(n: int, features, n_dense: int, g: torch.Generator) -> SideTensors:
+    """Random encoded rows of one side; multi-valued bags hold 0-3 ids (an empty bag pools to zeros)."""
+    sparse = {}
+    for f in features:
+        lengths = torch.randint(0, 4, (n,), generator=g) if f.multi_valued else torch.ones(n, dtype=torch.long)
+        offsets = torch.zeros(n + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        sparse[f.name] = (torch.randint(0, f.num_embeddings, (int(offsets[-1]),), generator=g), offsets)
+    return SideTensors(torch.randn(n, n_dense, generator=g) * 2, [f.name for f in features], sparse)

@@ -2,20 +2,9 @@
 
 import torch
 
-from feedpipe.feature_tensors import SideTensors
 from feedpipe.flat_embeddings import FlatTables
 from feedpipe.model import ModelShape, SparseFeature, TwoSidedDLRM
-
-
-def _side(n: int, features, g: torch.Generator) -> SideTensors:
-    sparse = {}
-    for f in features:
-        # multi-valued bags of 0-3 ids: empty bags pool to zero in both
-        lengths = torch.randint(0, 4, (n,), generator=g) if f.multi_valued else torch.ones(n, dtype=torch.long)
-        offsets = torch.zeros(n + 1, dtype=torch.long)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        sparse[f.name] = (torch.randint(0, f.num_embeddings, (int(offsets[-1]),), generator=g), offsets)
-    return SideTensors(torch.randn(n, 1, generator=g), [f.name for f in features], sparse)
+from feedpipe_tests.model_fixtures import random_side
 
 
 def test_lookup_equals_the_ebc_and_gradients_land_in_the_right_rows():
@@ -23,7 +12,7 @@ def test_lookup_equals_the_ebc_and_gradients_land_in_the_right_rows():
     features = (SparseFeature("p.tags", 9, multi_valued=True), SparseFeature("p.id", 40), SparseFeature("p.kind", 5),
                 SparseFeature("p.labels", 6, multi_valued=True))
     model = TwoSidedDLRM(ModelShape((SparseFeature("c.id", 4),), features, 0, 1, embedding_dim=8, dense_arch_layers=(8,)))
-    side = _side(50, features, g)
+    side = random_side(50, features, 1, g)
     assert any(int(side.sparse["p.tags"][1][i + 1] - side.sparse["p.tags"][1][i]) == 0 for i in range(50))
     flat = FlatTables(model.product_ebc, features)
     rows = torch.tensor([7, 3, 3, 49, 0, 12])

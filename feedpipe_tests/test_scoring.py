@@ -5,20 +5,9 @@ import pytest
 import torch
 
 import feedpipe.scoring as scoring
-from feedpipe.feature_tensors import SideTensors
 from feedpipe.model import ModelShape, SparseFeature, TwoSidedDLRM
 from feedpipe.scoring import Exclusions, forward_pairs, pair_logits, score_all_pairs
-
-
-def _side(n, features, n_dense, g):
-    sparse = {}
-    for f in features:
-        # multi-valued bags of 0-3 values: an empty bag pools to zeros and must score like forward does
-        lengths = torch.randint(0, 4, (n,), generator=g) if f.multi_valued else torch.ones(n, dtype=torch.long)
-        offsets = torch.zeros(n + 1, dtype=torch.long)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        sparse[f.name] = (torch.randint(0, f.num_embeddings, (int(offsets[-1]),), generator=g), offsets)
-    return SideTensors(torch.randn(n, n_dense, generator=g) * 2, [f.name for f in features], sparse)
+from feedpipe_tests.model_fixtures import random_side
 
 
 def _random_case(seed, n_customers, n_products, customer_dense, product_dense, over_arch=(32, 16, 1), spread=0.5):
@@ -34,7 +23,7 @@ def _random_case(seed, n_customers, n_products, customer_dense, product_dense, o
         for name, p in model.named_parameters():
             if "embedding_bags" in name:
                 p.normal_(0, spread, generator=g)
-    return model, _side(n_customers, cs, customer_dense, g), _side(n_products, ps, product_dense, g)
+    return model, random_side(n_customers, cs, customer_dense, g), random_side(n_products, ps, product_dense, g)
 
 
 def _all_pairs_forward(model, customers, products):
