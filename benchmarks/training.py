@@ -39,7 +39,14 @@ from feedpipe import sources  # noqa: E402
 from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, DENSE, MULTI_CATEGORICAL, PRODUCT_ID, PRODUCTS  # noqa: E402
 from feedpipe.demo_data import generate_demo_data  # noqa: E402
 from feedpipe.model import TwoSidedDLRM  # noqa: E402
-from feedpipe.training import TrainConfig, intra_op_threads, model_shape, split_examples, train_dlrm  # noqa: E402
+from feedpipe.training import (  # noqa: E402
+    TrainConfig,
+    intra_op_threads,
+    model_shape,
+    split_examples,
+    train_dlrm,
+    training_threads,
+)
 from feedpipe.training_examples import LABEL, ExampleConfig, attach_features, build_training_examples  # noqa: E402
 from feedpipe.vocabularies import build_vocabularies, encode_table, feature_key, side_specs  # noqa: E402
 
@@ -134,7 +141,7 @@ def main() -> None:
         ours.append(train_dlrm(train, valid, shape, config).samples_per_s)
         rate, share = reference_loop(train_df, vocab, config)  # torch's default threads, as the article runs
         ref.append(rate)
-        with intra_op_threads(config.cpu_threads, torch.device("cpu")):
+        with intra_op_threads(training_threads(config, shape), torch.device("cpu")):
             rate, share = reference_loop(train_df, vocab, config)  # ... and with feedpipe's thread count
         ref_same.append(rate)
         building.append(share)
@@ -148,7 +155,7 @@ def main() -> None:
         # The reference's time outside its model step: all a faster input path alone could save.
         "reference_batch_building_share": round(med(building), 3),
         "cpu": cpu_name(),
-        "threads_feedpipe": config.cpu_threads,
+        "threads_feedpipe": training_threads(config, shape),
         "threads_reference": torch.get_num_threads(),
         "rows": train_df.height,
         "batch_size": args.batch_size,

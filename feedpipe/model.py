@@ -124,9 +124,15 @@ class TwoSidedDLRM(nn.Module):
         # The same pairs as positions in the flattened [F*F] Gram matrix: index_select's backward is
         # an index_add, where advanced indexing's is a slower accumulating index_put.
         self.register_buffer("triu_flat", rows * f + cols, persistent=False)
-        n_dense_out = d * ((1 if shape.customer_dense_in else 0) + (1 if shape.product_dense_in else 0))
-        self.over_in_features = n_dense_out + rows.numel()
+        self.over_in_features = self.over_arch_input_width(shape)
         self.over_arch = OverArch(self.over_in_features, list(shape.over_arch_layers), device)
+
+    @staticmethod
+    def over_arch_input_width(shape: ModelShape) -> int:
+        """The dense arches' outputs and the F(F-1)/2 pairwise dot products of the F side vectors."""
+        sides = [(len(shape.customer_sparse), shape.customer_dense_in), (len(shape.product_sparse), shape.product_dense_in)]
+        f = sum(n_sparse + (1 if n_dense else 0) for n_sparse, n_dense in sides)
+        return shape.embedding_dim * sum(1 for _, n_dense in sides if n_dense) + f * (f - 1) // 2
 
     # -- per side ------------------------------------------------------------------------------
     def customer_vectors(self, dense: torch.Tensor, kjt: KeyedJaggedTensor | None) -> SideVectors:

@@ -52,10 +52,8 @@ class TrainConfig:
     dense_weight_decay: float = 0.0
     patience: int = 1
     seed: int = 0
-    # Intra-op threads while training on CPU (0: torch's default). At the default sizes one thread
-    # trained faster than two on the 2-core test machines (benchmarks/README.md, "Training"): each
-    # small op of a step opened an OpenMP region whose wake-up cost more than the split saved.
-    cpu_threads: int = 1
+    # Intra-op threads while training on CPU; 0 picks by the over arch's width (`training_threads`).
+    cpu_threads: int = 0
 
 
 # The source article's DLRM settings, kept as a preset for comparison.
@@ -257,6 +255,22 @@ class InProcess:
         return model
 
 
+# Below this many multiply-adds per example in the over arch, one thread trains faster than two:
+# each small op of a step opens an OpenMP region whose wake-up costs more than the split saves.
+# Measured on the 2-core Intel Xeon: the default model (128-64-1, ~17k) 239k samples/s on one
+# thread against 127k on two; the article preset (512-512-256-1, ~0.4M) 24k against 34k.
+ONE_THREAD_BELOW_MACS = 100_000
+
+
+def training_threads(config: TrainConfig, shape: ModelShape) -> int:
+    """Intra-op threads for training on CPU: `config.cpu_threads`, or by model size when it is 0."""
+    if config.cpu_threads > 0:
+        return config.cpu_threads
+    widths = [TwoSidedDLRM.over_arch_input_width(shape), *shape.over_arch_layers]
+    macs = sum(a * b for a, b in zip(widths, widths[1:]))
+    return 1 if macs < ONE_THREAD_BELOW_MACS else torch.get_num_threads()
+
+
 @contextmanager
 def intra_op_threads(n: int, device: torch.device):
     """torch.set_num_threads(n) for the block on CPU (n > 0), restored after."""
@@ -285,7 +299,7 @@ def train_dlrm(
     """
     parallel = parallel or InProcess()
     device = torch.device(device)
-    with intra_op_threads(config.cpu_threads, device):
+    with intra_op_threads(training_threads(config, shape), device):
         return _train(train, valid, shape, config, device, log, parallel)
 
 

@@ -142,3 +142,17 @@ def test_flat_tables_train_exactly_like_the_embedding_bag_collection(data):
         assert torch.allclose(sa[k], sb[k], atol=1e-5), k
     assert [h.val_loss for h in a.history] == pytest.approx([h.val_loss for h in b.history], abs=1e-5)
     assert a.model.customer_ebc.embedding_bags["t_customers__customer_id"].weight.abs().sum() > 0
+
+
+def test_training_threads_follow_the_over_arch_width(data):
+    from dataclasses import replace
+
+    from feedpipe.training import ARTICLE_PRESET, training_threads
+
+    _, _, vocab, _ = data
+    small = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, TrainConfig())
+    large = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, ARTICLE_PRESET)
+    assert TwoSidedDLRM.over_arch_input_width(small) == TwoSidedDLRM(small).over_in_features
+    assert training_threads(TrainConfig(), small) == 1
+    assert training_threads(ARTICLE_PRESET, large) == torch.get_num_threads()
+    assert training_threads(replace(TrainConfig(), cpu_threads=3), small) == 3

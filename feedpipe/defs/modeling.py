@@ -52,7 +52,7 @@ class TrainingConfig(dg.Config):
     dense_weight_decay: Optional[float] = None
     patience: Optional[int] = Field(default=None, description="Epochs without validation improvement before stopping.")
     seed: Optional[int] = None
-    cpu_threads: Optional[int] = Field(default=None, description="Intra-op threads on CPU; 0 = torch's default.")
+    cpu_threads: Optional[int] = Field(default=None, description="Intra-op threads on CPU; 0 = by the over arch's width.")
     min_validation_auc: float = Field(default=0.6, description="Blocking check: below this the feed is not published.")
 
     def core(self) -> TrainConfig:
