@@ -118,7 +118,9 @@ class TwoSidedDLRM(nn.Module):
         f = self.num_customer_vectors + self.num_product_vectors
         if f < 2:
             raise ValueError("the model needs at least one feature on each side")
-        rows, cols = torch.triu_indices(f, f, offset=1)
+        # On the model's device, as forward indexes with them (a meta model's stay on the CPU: DMP moves them).
+        on = device if device is not None and torch.device(device).type != "meta" else None
+        rows, cols = torch.triu_indices(f, f, offset=1, device=on)
         self.register_buffer("triu_rows", rows, persistent=False)
         self.register_buffer("triu_cols", cols, persistent=False)
         # The same pairs as positions in the flattened [F*F] Gram matrix: index_select's backward is

@@ -106,7 +106,7 @@ class LoadSpooler:
     def finish(self) -> SpooledLoad:
         """Close both files, move them into place (each rename is atomic) and return the load."""
         if self._first is None:
-            raise ValueError("no chunk was added; a loader raises on a table without rows before this")
+            raise ValueError("LoadSpooler.finish() before any add(): the loader must reject a table without rows")
         self._close()
         for path in (self.accepted_path, self.rejected_path):
             _partial(path).replace(path)

@@ -173,6 +173,10 @@ def iter_columns(stored: StoredTable, schema: pl.Schema, columns: list[str],
     while True:
         try:
             batch = next(batches, None)  # a damaged row group shows only when it is read
+            if batch is not None:
+                # iter_batches does not check UTF-8 where polars' whole-file read does; unchecked bytes would
+                # reach the quarantine file and make it unreadable.
+                batch.validate(full=True)
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{stored}: cannot read the file ({_expected_format(stored)}): {exc}") from exc
         if batch is None:

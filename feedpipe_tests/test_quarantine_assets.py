@@ -286,3 +286,26 @@ def test_cli_run_on_broken_input_exits_nonzero_with_file_and_column_and_no_trace
     assert run.returncode != 0
     assert f"{tmp_path / 'data' / 'transactions.csv'}: missing required column(s) 'ts'" in run.stderr
     assert "Traceback" not in run.stderr and "Stack Trace" not in run.stderr
+
+
+def test_the_spool_sweep_removes_what_killed_steps_left_and_keeps_live_entries(tmp_path):
+    import os
+    import time
+
+    from feedpipe.defs.ingest import STALE_SPOOL_SECONDS, sweep_spool
+
+    spool = tmp_path / "spool"
+    (spool / "feedpipe-transactions-abc").mkdir(parents=True)  # a killed Postgres export
+    (spool / "feedpipe-transactions-abc" / "transactions.parquet").write_bytes(b"x" * 100)
+    (spool / "transactions-2024-03-01-run1.parquet.partial").write_bytes(b"x")  # a killed chunked load
+    live = spool / "transactions-2024-03-02-run2.parquet.partial"
+    live.write_bytes(b"x")
+    old = time.time() - STALE_SPOOL_SECONDS - 60
+    for entry in [spool / "feedpipe-transactions-abc", spool / "transactions-2024-03-01-run1.parquet.partial"]:
+        os.utime(entry, (old, old))
+
+    removed = sweep_spool(spool)
+
+    assert sorted(p.name for p in removed) == ["feedpipe-transactions-abc", "transactions-2024-03-01-run1.parquet.partial"]
+    assert [p.name for p in spool.iterdir()] == [live.name]
+    assert sweep_spool(tmp_path / "absent") == []

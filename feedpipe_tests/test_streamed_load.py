@@ -121,3 +121,21 @@ def test_accepted_rows_are_written_a_chunk_at_a_time_in_the_contract_types(tmp_p
         {CUSTOMER_ID: pl.Utf8, PRODUCT_ID: pl.Utf8, TS: pl.Datetime("us"), QUANTITY: pl.Float64})
     assert pq.read_schema(streamed.rejected_path).names[:3] == ["_row", "_reason", "_column"]
     assert pa.types.is_integer(pq.read_schema(streamed.rejected_path).field(QUANTITY).type)  # as stored
+
+
+def test_invalid_utf8_in_a_parquet_string_column_fails_like_a_whole_load(tmp_path):
+    """A writer that does not check UTF-8 can store bytes a string column may not hold; polars refuses such a
+    file, and the chunked reader must too, not quarantine rows the rejected file then cannot hold."""
+    ids = pa.array([b"c1", b"c\xff", b"c2"], type=pa.binary()).view(pa.string())  # .view: no validation
+    table = pa.table({CUSTOMER_ID: ids, PRODUCT_ID: ["p1", "p1", "p2"],
+                      TS: pa.array([datetime(2024, 2, d) for d in (1, 2, 3)], pa.timestamp("us")),
+                      QUANTITY: [1.0, 1.0, 2.0]})
+    stored = StoredTable(TRANSACTIONS, tmp_path / f"{TRANSACTIONS}.parquet")
+    pq.write_table(table, stored.path)
+
+    expected = rf"{stored.path}: cannot read the file \(expected a Parquet file\)"
+    with pytest.raises(InputError, match=expected):
+        load_transactions(stored, feed_date=FEED_DATE)
+    with pytest.raises(InputError, match=expected):
+        stream(stored, tmp_path / "spool", chunk_rows=2)
+    assert not (tmp_path / "spool").exists() or not list((tmp_path / "spool").iterdir())

@@ -6,13 +6,16 @@ counts per reason in metadata, and applies its rejection policy (the asset's con
 against the accepted customers and products, so they depend on those two assets.
 
 Transactions are checked a chunk at a time (`stream_transactions`, `chunk_rows` of the input config): accepted rows
-go straight to a Parquet file that becomes the asset's output, and the checks below read it lazily, so this step's
-memory is set by the chunk size and the customer and product ids, not by the number of transactions.
+go straight to a Parquet file that becomes the asset's output, and the checks below read it lazily, so for a
+Parquet file or a Postgres source this step's memory is set by the chunk size and the customer and product ids,
+not by the number of transactions (a CSV file is read whole).
 
 A fatal input problem or a policy breach fails the asset with the loader's message (file, column, rows, what was
 expected); nothing downstream runs, so the feed being served stays as it is.
 """
 
+import shutil
+import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -38,6 +41,29 @@ from feedpipe.vocabularies import Vocabularies, side_specs
 
 REJECTED_DIR = "rejected"
 SPOOL_DIR = "spool"
+# Spool entries (Postgres exports, transactions being written) live as long as their step; one older than
+# this was left by a step that was killed (SIGKILL, out of memory) before it could clean up.
+STALE_SPOOL_SECONDS = 24 * 3600
+
+
+def sweep_spool(spool: Path, older_than_s: float = STALE_SPOOL_SECONDS) -> list[Path]:
+    """Remove what killed steps left in the spool directory; returns what was removed."""
+    if not spool.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    removed = []
+    for entry in spool.iterdir():
+        try:
+            if entry.stat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except FileNotFoundError:  # another step removed it first
+            pass
+    return removed
 
 
 def feed_date_of(context: dg.AssetExecutionContext) -> date:
@@ -192,6 +218,8 @@ def _load(context: dg.AssetExecutionContext, table: str, data: DataResource, art
     """
     rejected_path = _rejected_path(context, table, artifacts)
     rejected_path.unlink(missing_ok=True)  # a stale file from an earlier run of this partition would mislead
+    for stale in sweep_spool(artifacts.path(SPOOL_DIR)):
+        context.log.warning(f"removed {stale}, left in the spool by a step that did not finish")
     try:
         input_config = data.config()
         data_dir = data.directory() if input_config.postgres is None else None
