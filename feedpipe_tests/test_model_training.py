@@ -156,3 +156,14 @@ def test_training_threads_follow_the_over_arch_width(data):
     assert training_threads(TrainConfig(), small) == 1
     assert training_threads(ARTICLE_PRESET, large) == torch.get_num_threads()
     assert training_threads(replace(TrainConfig(), cpu_threads=3), small) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_and_evaluation_run_on_cuda(data):
+    """The GPU path end to end in one process: buffers, flat tables and examples on the device."""
+    _, _, vocab, examples = data
+    train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
+    shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, FAST)
+    result = train_dlrm(train, valid, shape, TrainConfig(epochs=1, batch_size=256), device="cuda")
+    assert result.model.triu_flat.device.type == "cuda"
+    assert result.best.val_auc > 0.5
