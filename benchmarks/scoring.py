@@ -38,10 +38,10 @@ from benchmarks.machine import cpu_name  # noqa: E402
 from feedpipe.feature_tensors import SideTensors  # noqa: E402
 from feedpipe.model import ModelShape, SparseFeature, TwoSidedDLRM  # noqa: E402
 from feedpipe.scoring import (  # noqa: E402
-    DEFAULT_PAIRS_PER_TILE,
     DEFAULT_PAIRS_PER_UNIT,
     Exclusions,
     customer_units,
+    default_pairs_per_tile,
     forward_pairs,
     pair_logits,
     plan_scoring,
@@ -278,7 +278,7 @@ def main() -> None:
     ap.add_argument("--top-n", type=int, default=100, help="as pair_scores keeps (ScoringConfig.top_n)")
     ap.add_argument("--exclude", type=int, default=20, help="random excluded products per customer")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; figures are medians")
-    ap.add_argument("--pairs-per-tile", type=int, default=DEFAULT_PAIRS_PER_TILE)
+    ap.add_argument("--pairs-per-tile", type=int, default=None, help="default: the scorer's for the dtype")
     ap.add_argument("--workers", type=int, default=None, help="default: torch.get_num_threads()")
     ap.add_argument("--naive-customers", type=int, default=32, help="customers scored the naive way per round")
     ap.add_argument("--check-customers", type=int, default=1000, help="customers for max_abs_diff and overlap")
@@ -300,6 +300,7 @@ def main() -> None:
         return
 
     dtype = DTYPES[args.dtype]
+    args.pairs_per_tile = args.pairs_per_tile or default_pairs_per_tile(torch.device("cpu"), dtype)
     if args.checkpoint:
         model, customers, products = from_checkpoint(args.checkpoint, args.customers, args.products)
     else:
