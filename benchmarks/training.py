@@ -39,9 +39,9 @@ from feedpipe import sources  # noqa: E402
 from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, DENSE, MULTI_CATEGORICAL, PRODUCT_ID, PRODUCTS  # noqa: E402
 from feedpipe.demo_data import generate_demo_data  # noqa: E402
 from feedpipe.model import TwoSidedDLRM  # noqa: E402
+from feedpipe.scoring_runtime import intra_op_threads  # noqa: E402
 from feedpipe.training import (  # noqa: E402
     TrainConfig,
-    intra_op_threads,
     model_shape,
     split_examples,
     train_dlrm,
@@ -141,7 +141,7 @@ def main() -> None:
         ours.append(train_dlrm(train, valid, shape, config).samples_per_s)
         rate, share = reference_loop(train_df, vocab, config)  # torch's default threads, as the article runs
         ref.append(rate)
-        with intra_op_threads(training_threads(config, shape), torch.device("cpu")):
+        with intra_op_threads(training_threads(config, shape)):
             rate, share = reference_loop(train_df, vocab, config)  # ... and with feedpipe's thread count
         ref_same.append(rate)
         building.append(share)

@@ -44,17 +44,9 @@ class SideTensors:
         dense = self.dense.index_select(0, rows)
         lengths_all, values_all = [], []
         for key in self.sparse_keys:
-            values, offsets = self.sparse[key]
-            starts = offsets.index_select(0, rows)
-            lengths = offsets.index_select(0, rows + 1) - starts
-            total = int(lengths.sum())
-            # Position j of the output takes values[starts[row(j)] + (j - out_start[row(j)])].
-            out_starts = torch.cumsum(lengths, 0) - lengths
-            idx = torch.repeat_interleave(starts - out_starts, lengths, output_size=total) + torch.arange(
-                total, device=values.device
-            )
+            bag_values, lengths = gather_bags(*self.sparse[key], rows)
             lengths_all.append(lengths)
-            values_all.append(values.index_select(0, idx))
+            values_all.append(bag_values)
         kjt = KeyedJaggedTensor(
             keys=self.sparse_keys,
             values=torch.cat(values_all) if values_all else torch.empty(0, dtype=torch.long),
@@ -64,6 +56,17 @@ class SideTensors:
 
     def all_rows(self) -> tuple[torch.Tensor, KeyedJaggedTensor]:
         return self.gather(torch.arange(self.num_rows, device=self.dense.device))
+
+
+def gather_bags(values: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bags of `rows` from a jagged (values [nnz], offsets [N+1]): their values, concatenated, and lengths [B]."""
+    starts = offsets.index_select(0, rows)
+    lengths = offsets.index_select(0, rows + 1) - starts
+    total = int(lengths.sum())
+    # Position j of the output takes values[starts[bag(j)] + (j - out_start[bag(j)])].
+    out_starts = torch.cumsum(lengths, 0) - lengths
+    idx = torch.repeat_interleave(starts - out_starts, lengths, output_size=total)
+    return values.index_select(0, idx + torch.arange(total, device=values.device)), lengths
 
 
 def _jagged(series: pl.Series, role: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
 
-from feedpipe.feature_tensors import SideTensors
+from feedpipe.feature_tensors import SideTensors, gather_bags
 from feedpipe.model import SparseFeature
 
 
@@ -85,13 +85,9 @@ class FlatTables(nn.Module):
         parts = [ids.single.index_select(0, rows).view(-1)]
         bags = []
         for values, offsets in ids.multi:
-            starts = offsets.index_select(0, rows)
-            lengths = offsets.index_select(0, rows + 1) - starts
-            total = int(lengths.sum())
-            # Position j of the batch's values takes values[starts[bag(j)] + (j - bag_start(j))].
-            shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
-            parts.append(values.index_select(0, shift + torch.arange(total, device=rows.device)))
-            bags.append((lengths, total))
+            bag_values, lengths = gather_bags(values, offsets, rows)
+            parts.append(bag_values)
+            bags.append((lengths, bag_values.numel()))
         vectors = self.weight.index_select(0, torch.cat(parts))  # one lookup -> one index_add in backward
         out: list[torch.Tensor | None] = [None] * len(self.features)
         single = vectors[: b * len(self.single)].view(b, len(self.single), d)

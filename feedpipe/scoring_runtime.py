@@ -1,7 +1,7 @@
 """How scoring runs on the machine: the matrix-product kernel, worker threads, and the allocator.
 
 Core code without Dagster, shared by `scoring.py` and `benchmarks/scoring.py` (whose roofline must
-run exactly like the scorer: same kernel, same threads).
+run exactly like the scorer: same kernel, same threads); `training.py` sets its threads here too.
 """
 
 from __future__ import annotations
@@ -52,19 +52,23 @@ def keep_freed_memory_mapped() -> bool:
 
 
 @contextmanager
-def single_threaded_kernels(enabled: bool = True):
-    """torch.set_num_threads(1) for the block, restored after. With worker threads each running its
-    own kernels, the caller's small preparatory ops must not open 2-thread OpenMP regions either:
-    on a machine whose other core is busy each region waits for it (measured: 0.17 s instead of
-    5 ms to prepare 2k products, 14% of scoring 4k customers)."""
+def intra_op_threads(n: int):
+    """torch.set_num_threads(n) for the block when n > 0, restored after (training sets its count with this too)."""
     saved = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
+    if n > 0:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        if enabled:
-            torch.set_num_threads(saved)
+        torch.set_num_threads(saved)
+
+
+def single_threaded_kernels(enabled: bool = True):
+    """One intra-op thread for the block. With worker threads each running its
+    own kernels, the caller's small preparatory ops must not open 2-thread OpenMP regions either:
+    on a machine whose other core is busy each region waits for it (measured: 0.17 s instead of
+    5 ms to prepare 2k products, 14% of scoring 4k customers)."""
+    return intra_op_threads(1 if enabled else 0)
 
 
 def run_units(units: list[tuple[int, int]], work, workers: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from feedpipe.feature_tensors import SideTensors, side_tensors
 from feedpipe.flat_embeddings import FlatTables
 from feedpipe.model import ModelShape, SideVectors, TwoSidedDLRM, sparse_features_for
+from feedpipe.scoring_runtime import intra_op_threads
 from feedpipe.sources import FeatureSpec
 from feedpipe.training_examples import LABEL, SPLIT, TRAIN, VALIDATION
 from feedpipe.vocabularies import Vocabularies, dense_features
@@ -271,18 +271,6 @@ def training_threads(config: TrainConfig, shape: ModelShape) -> int:
     return 1 if macs < ONE_THREAD_BELOW_MACS else torch.get_num_threads()
 
 
-@contextmanager
-def intra_op_threads(n: int, device: torch.device):
-    """torch.set_num_threads(n) for the block on CPU (n > 0), restored after."""
-    saved = torch.get_num_threads()
-    if n > 0 and device.type == "cpu":
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def train_dlrm(
     train: ExampleTensors,
     valid: ExampleTensors,
@@ -299,7 +287,7 @@ def train_dlrm(
     """
     parallel = parallel or InProcess()
     device = torch.device(device)
-    with intra_op_threads(training_threads(config, shape), device):
+    with intra_op_threads(training_threads(config, shape) if device.type == "cpu" else 0):
         return _train(train, valid, shape, config, device, log, parallel)
 
 

@@ -102,36 +102,34 @@ class AttributeTableConfig(RejectionPolicyConfig):
     max_oov_share: float = Field(default=0.2, description="Drift check warns when a feature has more than this share of values the last vocabulary does not know.")
 
 
-@dg.asset(
-    partitions_def=feed_date_partitions,
-    group_name="input",
-    kinds={"polars"},
-    check_specs=[dg.AssetCheckSpec("vocabulary_drift", asset=CUSTOMERS,
-                                   description="Share of values unknown to the last night's vocabularies (warning).")],
-)
+def _drift_spec(table: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec("vocabulary_drift", asset=table,
+                             description="Share of values unknown to the last night's vocabularies (warning).")
+
+
+def _attribute_table(context: dg.AssetExecutionContext, table: str, config: AttributeTableConfig, data: DataResource,
+                     artifacts: ArtifactsResource, loader):
+    """What the customers and products assets do: load, quarantine, output with features, drift check."""
+    policy = config.policy()
+    load = _load(context, table, data, artifacts, policy, lambda stored: loader(stored, data.config(), policy))
+    yield _output(load, context, artifacts, features=_features(table, load.accepted, data))
+    yield _drift_check(context, table, load.accepted, data, artifacts, config.max_oov_share)
+
+
+@dg.asset(partitions_def=feed_date_partitions, group_name="input", kinds={"polars"},
+          check_specs=[_drift_spec(CUSTOMERS)])
 def customers(context: dg.AssetExecutionContext, config: AttributeTableConfig, data: DataResource,
               artifacts: ArtifactsResource):
     """Customer ids (as text) and attributes typed by role; rejected rows set aside with their reason."""
-    policy = config.policy()
-    load = _load(context, CUSTOMERS, data, artifacts, policy, lambda stored: load_customers(stored, data.config(), policy))
-    yield _output(load, context, artifacts, features=_features(CUSTOMERS, load.accepted, data))
-    yield _drift_check(context, CUSTOMERS, load.accepted, data, artifacts, config.max_oov_share)
+    yield from _attribute_table(context, CUSTOMERS, config, data, artifacts, load_customers)
 
 
-@dg.asset(
-    partitions_def=feed_date_partitions,
-    group_name="input",
-    kinds={"polars"},
-    check_specs=[dg.AssetCheckSpec("vocabulary_drift", asset=PRODUCTS,
-                                   description="Share of values unknown to the last night's vocabularies (warning).")],
-)
+@dg.asset(partitions_def=feed_date_partitions, group_name="input", kinds={"polars"},
+          check_specs=[_drift_spec(PRODUCTS)])
 def products(context: dg.AssetExecutionContext, config: AttributeTableConfig, data: DataResource,
              artifacts: ArtifactsResource):
     """Product ids (as text) and attributes typed by role: the catalogue every customer is scored against."""
-    policy = config.policy()
-    load = _load(context, PRODUCTS, data, artifacts, policy, lambda stored: load_products(stored, data.config(), policy))
-    yield _output(load, context, artifacts, features=_features(PRODUCTS, load.accepted, data))
-    yield _drift_check(context, PRODUCTS, load.accepted, data, artifacts, config.max_oov_share)
+    yield from _attribute_table(context, PRODUCTS, config, data, artifacts, load_products)
 
 
 @dg.asset(
