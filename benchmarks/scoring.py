@@ -1,6 +1,7 @@
 """Benchmark of the exact all-pairs scorer (feedpipe.scoring) against its physical limit and the naive way.
 
     python benchmarks/scoring.py [--dtype fp32|bf16] [--customers N] [--products M] [--memory-sweep 10000,100000]
+                                 [--device cuda]
 
 Builds a randomly initialised TwoSidedDLRM with the project's default sizes (TrainConfig) and the demo's
 features (customer id + 2 dense + 2 categorical; product id + 1 dense + 2 categorical + multi-valued
@@ -11,7 +12,8 @@ so a busy neighbour on a shared machine slows all of them alike:
   product-side preparation included;
 - roofline: the bare over-arch matrix-product chain of the same shapes, tiles, dtype and worker
   threads ([Pc, Fp*D] x [Fp*D, B*H], then [Pc*B, H] x [H, 64], then x [64, 1]); no bias, ReLU, top-N
-  or customer work. Each layer runs on oneDNN and on torch.mm (MKL), and the faster is the limit;
+  or customer work. Each layer runs on oneDNN and on torch.mm (MKL), and the faster is the limit
+  (on a GPU: torch.mm, i.e. cuBLAS, alone);
 - naive: the model's forward on pair batches built as KeyedJaggedTensors (the training path), then top-N,
   on a sample of customers.
 
@@ -38,10 +40,10 @@ from benchmarks.machine import cpu_name  # noqa: E402
 from feedpipe.feature_tensors import SideTensors  # noqa: E402
 from feedpipe.model import ModelShape, SparseFeature, TwoSidedDLRM  # noqa: E402
 from feedpipe.scoring import (  # noqa: E402
-    DEFAULT_PAIRS_PER_UNIT,
     Exclusions,
     customer_units,
     default_pairs_per_tile,
+    default_pairs_per_unit,
     forward_pairs,
     pair_logits,
     plan_scoring,
@@ -120,7 +122,7 @@ def random_exclusions(n_customers: int, n_products: int, per_customer: int, g: t
 # -- the three ways of scoring --------------------------------------------------------------------
 
 
-def roofline(model, products, dtype, n_customers, pairs_per_tile, workers, kernel):
+def roofline(model, products, dtype, n_customers, pairs_per_tile, workers, kernel, pairs_per_unit):
     """A callable running the bare chain over n_customers x products, tiled and threaded like the scorer:
     the first layer as one GEMM per tile ([Pc, Fp*D] x [Fp*D, B*H]), then the rest of the over arch."""
     h = model.shape.over_arch_layers[0]
@@ -128,12 +130,13 @@ def roofline(model, products, dtype, n_customers, pairs_per_tile, workers, kerne
     n_p = products.num_rows
     b_tile, p_tile = tile_shape(n_p, pairs_per_tile)
     g = torch.Generator().manual_seed(1)
-    e = torch.randn(n_p, k, generator=g).to(dtype)
-    u = torch.randn(b_tile * h, k, generator=g).to(dtype)
+    device = next(model.parameters()).device
+    e = torch.randn(n_p, k, generator=g).to(device, dtype)
+    u = torch.randn(b_tile * h, k, generator=g).to(device, dtype)
     layers = [layer for layer in model.over_arch.modules() if isinstance(layer, torch.nn.Linear)][1:]
     ws = [layer.weight.detach().to(dtype).contiguous() for layer in layers]
     onednn = kernel == "onednn"
-    units = customer_units(n_customers, n_p, pairs_per_tile, DEFAULT_PAIRS_PER_UNIT)
+    units = customer_units(n_customers, n_p, pairs_per_tile, pairs_per_unit)
 
     def mm(x, w):
         return linear(x, w, None, relu=False, onednn=True) if onednn else torch.mm(x, w.T)
@@ -163,17 +166,50 @@ def naive_run(model, customers, products, rows, top_n, batch_pairs=16384):
         for s in range(0, rows.numel(), per_batch):
             r = rows[s : s + per_batch]
             c_rows = r.repeat_interleave(n_p)
-            p_rows = torch.arange(n_p).repeat(r.numel())
+            p_rows = torch.arange(n_p, device=rows.device).repeat(r.numel())
             logits = forward_pairs(model, customers, products, c_rows, p_rows).view(r.numel(), n_p)
             torch.topk(logits, min(top_n, n_p), dim=1)
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of fn(). CPU time does not count the time other processes
-    held the cores, so on a shared machine its ratios are the steadier ones."""
+    """(wall seconds, process CPU seconds) of fn(), the device's queue drained before and after. CPU
+    time does not count the time other processes held the cores, so on a shared machine its ratios are
+    the steadier ones (on a GPU it means nothing)."""
+    sync()
     t, c = time.perf_counter(), time.process_time()
     fn()
+    sync()
     return time.perf_counter() - t, time.process_time() - c
+
+
+def profile_scorer(scorer, on_cpu: bool, top: int = 12) -> dict:
+    """One scorer call under torch.profiler: wall time, busy device time and the ops that took it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([] if on_cpu else [ProfilerActivity.CUDA])
+    with profile(activities=activities) as prof:
+        wall, _ = timed(scorer)
+    events = prof.key_averages()
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+
+    log(events.table(sort_by="self_cpu_time_total" if on_cpu else "self_device_time_total", row_limit=25))
+    key = (lambda e: e.self_cpu_time_total) if on_cpu else device_us
+    return {
+        "wall_ms": round(wall * 1e3, 2),
+        "device_busy_ms": None if on_cpu else round(sum(device_us(e) for e in events) / 1e3, 2),
+        "top_ops": [
+            {"op": e.key[:60], "count": e.count, "self_device_ms": round(device_us(e) / 1e3, 3),
+             "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3)}
+            for e in sorted(events, key=key, reverse=True)[:top]
+        ],
+    }
 
 
 # -- modes ----------------------------------------------------------------------------------------
@@ -292,6 +328,9 @@ def main() -> None:
     ap.add_argument("--asset-artifacts", default="", help="an artifacts root holding a run's dlrm_model, "
                     "customers, products, transactions: also time pair_scores against the projection")
     ap.add_argument("--feed-date", default="", help="the partition of --asset-artifacts")
+    ap.add_argument("--profile", action="store_true", help="also profile one scorer call (torch.profiler): "
+                    "its busy device time and the ops that took it")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the model and tables move there)")
     ap.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -300,51 +339,53 @@ def main() -> None:
         return
 
     dtype = DTYPES[args.dtype]
-    args.pairs_per_tile = args.pairs_per_tile or default_pairs_per_tile(torch.device("cpu"), dtype)
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
+    args.pairs_per_tile = args.pairs_per_tile or default_pairs_per_tile(device, dtype)
+    pairs_per_unit = default_pairs_per_unit(device)
     if args.checkpoint:
         model, customers, products = from_checkpoint(args.checkpoint, args.customers, args.products)
     else:
         model, customers, products = demo_like(args.customers, args.products, args.init)
+    model, customers, products = model.to(device), customers.to(device), products.to(device)
     ex = random_exclusions(args.customers, args.products, args.exclude, torch.Generator().manual_seed(2))
-    workers = args.workers or default_workers(torch.device("cpu"))
+    workers = args.workers or default_workers(device)
     n_pairs = args.customers * args.products
-    naive_rows = torch.arange(min(args.naive_customers, args.customers))
+    naive_rows = torch.arange(min(args.naive_customers, args.customers), device=device)
     log(f"{args.customers} x {args.products} = {n_pairs:,} pairs, {args.dtype}, {workers} workers, "
         f"tile {tile_shape(args.products, args.pairs_per_tile)} (customers, products)")
 
     def scorer():
         score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=dtype,
-                        pairs_per_tile=args.pairs_per_tile, workers=workers)
+                        pairs_per_tile=args.pairs_per_tile, pairs_per_unit=pairs_per_unit, workers=workers)
 
-    roofline_onednn, roofline_mkl = (
-        roofline(model, products, dtype, args.customers, args.pairs_per_tile, workers, kernel)
-        for kernel in ("onednn", "mkl")
-    )
+    kernels = ("onednn", "mkl") if on_cpu else ("cublas",)
+    rooflines = {
+        kernel: roofline(model, products, dtype, args.customers, args.pairs_per_tile, workers, kernel, pairs_per_unit)
+        for kernel in kernels
+    }
 
-    # Warm-up: oneDNN builds its kernels on first use of each shape.
+    # Warm-up: oneDNN builds its kernels on first use of each shape (cuBLAS picks its algorithms).
     scorer()
-    roofline_onednn()
-    roofline_mkl()
+    for run in rooflines.values():
+        run()
     naive_run(model, customers, products, naive_rows[:2], args.top_n)
+    if not on_cpu:
+        torch.cuda.reset_peak_memory_stats()
 
     rounds = []
     for r in range(args.repeats):
         t_s, c_s = timed(scorer)
-        t_d, c_d = timed(roofline_onednn)
-        t_m, c_m = timed(roofline_mkl)
+        limits = {kernel: timed(run) for kernel, run in rooflines.items()}
         t_n, c_n = timed(lambda: naive_run(model, customers, products, naive_rows, args.top_n))
         t_s2, c_s2 = timed(scorer)  # bracket the others, so a load change mid-round shows up in both
         naive_pairs = naive_rows.numel() * args.products
-        row = {
-            "scorer": n_pairs / ((t_s + t_s2) / 2),
-            "roofline_onednn": n_pairs / t_d,
-            "roofline_mkl": n_pairs / t_m,
-            "naive": naive_pairs / t_n,
-            "load": os.getloadavg()[0],
-        }
-        row["roofline_fraction"] = row["scorer"] / max(row["roofline_onednn"], row["roofline_mkl"])
+        row = {"scorer": n_pairs / ((t_s + t_s2) / 2)}
+        row.update({f"roofline_{kernel}": n_pairs / t for kernel, (t, _) in limits.items()})
+        row.update({"naive": naive_pairs / t_n, "load": os.getloadavg()[0]})
+        row["roofline_fraction"] = row["scorer"] / max(row[f"roofline_{kernel}"] for kernel in kernels)
         row["speedup_vs_naive"] = row["scorer"] / row["naive"]
-        row["roofline_fraction_cpu"] = min(c_d, c_m) / ((c_s + c_s2) / 2)
+        row["roofline_fraction_cpu"] = min(c for _, c in limits.values()) / ((c_s + c_s2) / 2)
         row["speedup_vs_naive_cpu"] = (c_n / naive_pairs) / ((c_s + c_s2) / 2 / n_pairs)
         rounds.append(row)
         log(f"round {r}: " + ", ".join(f"{k} {v:,.3g}" for k, v in row.items()))
@@ -353,11 +394,11 @@ def main() -> None:
         return statistics.median(r[key] for r in rounds)
 
     # Exactness: every pair of a sample of customers through the scorer's path vs the model's forward.
-    check_rows = torch.arange(min(args.check_customers, args.customers))
+    check_rows = torch.arange(min(args.check_customers, args.customers), device=device)
     diff_rows = check_rows[:32]
     with torch.inference_mode():
         ref = forward_pairs(model, customers, products, diff_rows.repeat_interleave(args.products),
-                            torch.arange(args.products).repeat(diff_rows.numel())).view(diff_rows.numel(), -1)
+                            torch.arange(args.products, device=device).repeat(diff_rows.numel())).view(diff_rows.numel(), -1)
         got = pair_logits(model, customers, products, diff_rows, dtype=dtype)
         max_abs_diff = float((got - ref).abs().max())
         fp32_all = pair_logits(model, customers, products, check_rows, dtype=torch.float32)
@@ -374,17 +415,18 @@ def main() -> None:
     result = {
         "pairs_per_s": round(med("scorer")),
         "roofline_fraction": round(med("roofline_fraction"), 3),
-        "roofline_fraction_cpu_time": round(med("roofline_fraction_cpu"), 3),
-        "roofline_pairs_per_s": round(max(med("roofline_onednn"), med("roofline_mkl"))),
-        "roofline_onednn_pairs_per_s": round(med("roofline_onednn")),
-        "roofline_mkl_pairs_per_s": round(med("roofline_mkl")),
+        "roofline_fraction_cpu_time": round(med("roofline_fraction_cpu"), 3) if on_cpu else None,
+        "roofline_pairs_per_s": round(max(med(f"roofline_{kernel}") for kernel in kernels)),
+        **{f"roofline_{kernel}_pairs_per_s": round(med(f"roofline_{kernel}")) for kernel in kernels},
         "speedup_vs_naive": round(med("speedup_vs_naive"), 1),
-        "speedup_vs_naive_cpu_time": round(med("speedup_vs_naive_cpu"), 1),
+        "speedup_vs_naive_cpu_time": round(med("speedup_vs_naive_cpu"), 1) if on_cpu else None,
         "naive_pairs_per_s": round(med("naive")),
         "max_abs_diff": max_abs_diff,
         "top20_overlap_vs_fp32": None if overlap is None else round(overlap, 4),
         "dtype": args.dtype,
-        "device": "cpu",
+        "device": args.device,
+        "gpu": None if on_cpu else torch.cuda.get_device_name(device),
+        "gpu_peak_memory_mb": None if on_cpu else round(torch.cuda.max_memory_allocated(device) / (1 << 20)),
         "cpu": cpu_name(),
         "torch": torch.__version__,
         "workers": workers,
@@ -395,6 +437,7 @@ def main() -> None:
         "top_n": args.top_n,
         "excluded_per_customer": args.exclude,
         "pairs_per_tile": args.pairs_per_tile,
+        "pairs_per_unit": pairs_per_unit,
         "tile_customers_products": list(tile_shape(args.products, args.pairs_per_tile)),
         "embedding_dim": model.shape.embedding_dim,
         "dense_arch_layers": list(model.shape.dense_arch_layers),
@@ -409,7 +452,9 @@ def main() -> None:
         "rounds_pairs_per_s": [round(r["scorer"]) for r in rounds],
         "rounds_roofline_fraction": [round(r["roofline_fraction"], 3) for r in rounds],
     }
-    if args.memory_sweep:
+    if args.profile:
+        result["profile"] = profile_scorer(scorer, on_cpu)
+    if args.memory_sweep and on_cpu:
         result["memory"] = memory_sweep(args)
     if args.asset_artifacts:
         result["pair_scores_asset"] = asset_against_projection(args)

@@ -8,7 +8,10 @@ process, one after the other (twice each, alternating, median kept: the machine 
 - reference: a pandas slice per batch turned into a KeyedJaggedTensor with `from_lengths_sync`,
   torchrec's `DLRMTrain` wrapper computing the loss, plain SGD.
 
-Usage: benchmarks/training.py [--rows N] [--batch-size B] [--customers C] [--products P]
+Usage: benchmarks/training.py [--rows N] [--batch-size B] [--customers C] [--products P] [--device cuda]
+
+On a GPU (`--device cuda`) both loops train there: feedpipe's with its tensors on the device, the
+reference moving each batch it built on the CPU to the device, as the article's loop does.
 Prints one JSON line last: samples_per_s, reference_samples_per_s, speedup, ...
 """
 
@@ -81,7 +84,7 @@ class ArticleStyleModel(nn.Module):
         return self.model(dense_features[:, : self.n_c], c_kjt, dense_features[:, self.n_c :], p_kjt).unsqueeze(1)
 
 
-def reference_loop(train: pl.DataFrame, vocab, config: TrainConfig) -> tuple[float, float]:
+def reference_loop(train: pl.DataFrame, vocab, config: TrainConfig, device: str = "cpu") -> tuple[float, float]:
     """(samples/s, share of the time spent building batches) of the article-style loop over all of
     `train` (one epoch). The rest of its time is the model's step, which both loops pay."""
     specs = vocab.customer_specs + vocab.product_specs
@@ -89,7 +92,7 @@ def reference_loop(train: pl.DataFrame, vocab, config: TrainConfig) -> tuple[flo
     sparse = [(feature_key(s), s.role == MULTI_CATEGORICAL) for s in specs if s.role != DENSE]
     shape = model_shape(vocab.customer_specs, vocab.product_specs, vocab, config)
     torch.manual_seed(config.seed)
-    model = TwoSidedDLRM(shape)
+    model = TwoSidedDLRM(shape, device=torch.device(device))
     n_c = sum(1 for s in vocab.customer_specs if s.role == DENSE)
     train_model = DLRMTrain(ArticleStyleModel(model, n_c, [k for k, _ in sparse if k.startswith("customers.")]))
     optimizer = torch.optim.SGD(train_model.parameters(), lr=0.01)
@@ -114,11 +117,14 @@ def reference_loop(train: pl.DataFrame, vocab, config: TrainConfig) -> tuple[flo
             sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)),
             labels=torch.tensor(batch_df[LABEL].to_numpy(), dtype=torch.float32),
         )
+        batch = batch.to(torch.device(device))
         building += time.perf_counter() - t_batch
         loss, _ = train_model(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    if device != "cpu":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     return len(df) / seconds, building / seconds
 
@@ -130,37 +136,48 @@ def main() -> None:
     p.add_argument("--customers", type=int, default=10_000)
     p.add_argument("--products", type=int, default=2_000)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
+    on_cpu = args.device == "cpu"
 
     train_df, valid_df, vocab = demo_examples(args.customers, args.products, args.rows)
     config = TrainConfig(epochs=1, batch_size=args.batch_size)
     train, valid = split_examples(pl.concat([train_df, valid_df]), vocab.customer_specs, vocab.product_specs)
     shape = model_shape(vocab.customer_specs, vocab.product_specs, vocab, config)
     ours, ref, ref_same, building = [], [], [], []
+    if not on_cpu:  # CUDA context, cuBLAS handles and the caching allocator's first blocks, not timed
+        few = min(train.num_rows, 20 * args.batch_size)
+        warm = split_examples(pl.concat([train_df.head(few), valid_df.head(1000)]), vocab.customer_specs,
+                              vocab.product_specs)
+        train_dlrm(*warm, shape, config, device=args.device)
+        reference_loop(train_df.head(few), vocab, config, args.device)
     for _ in range(args.repeats):
-        ours.append(train_dlrm(train, valid, shape, config).samples_per_s)
-        rate, share = reference_loop(train_df, vocab, config)  # torch's default threads, as the article runs
+        ours.append(train_dlrm(train, valid, shape, config, device=args.device).samples_per_s)
+        rate, share = reference_loop(train_df, vocab, config, args.device)  # torch's default threads, as the article runs
         ref.append(rate)
-        with intra_op_threads(training_threads(config, shape)):
-            rate, share = reference_loop(train_df, vocab, config)  # ... and with feedpipe's thread count
-        ref_same.append(rate)
+        if on_cpu:
+            with intra_op_threads(training_threads(config, shape)):
+                rate, share = reference_loop(train_df, vocab, config)  # ... and with feedpipe's thread count
+            ref_same.append(rate)
         building.append(share)
     med = statistics.median
     result = {
         "samples_per_s": round(med(ours)),
         "reference_samples_per_s": round(med(ref)),
         "speedup": round(med(ours) / med(ref), 2),
-        "reference_same_threads_samples_per_s": round(med(ref_same)),
-        "speedup_same_threads": round(med(ours) / med(ref_same), 2),
+        "reference_same_threads_samples_per_s": round(med(ref_same)) if on_cpu else None,
+        "speedup_same_threads": round(med(ours) / med(ref_same), 2) if on_cpu else None,
         # The reference's time outside its model step: all a faster input path alone could save.
         "reference_batch_building_share": round(med(building), 3),
         "cpu": cpu_name(),
+        "gpu": None if on_cpu else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
         "threads_feedpipe": training_threads(config, shape),
         "threads_reference": torch.get_num_threads(),
         "rows": train_df.height,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
-        "device": "cpu",
+        "device": args.device,
         "parameters": TwoSidedDLRM(shape).parameter_count(),
         "embedding_dim": config.embedding_dim,
         "dense_arch_layers": list(config.dense_arch_layers),

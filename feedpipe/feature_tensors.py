@@ -49,8 +49,9 @@ class SideTensors:
             values_all.append(bag_values)
         kjt = KeyedJaggedTensor(
             keys=self.sparse_keys,
-            values=torch.cat(values_all) if values_all else torch.empty(0, dtype=torch.long),
-            lengths=torch.cat(lengths_all).to(torch.int32) if lengths_all else torch.empty(0, dtype=torch.int32),
+            values=torch.cat(values_all) if values_all else torch.empty(0, dtype=torch.long, device=rows.device),
+            lengths=(torch.cat(lengths_all).to(torch.int32) if lengths_all
+                     else torch.empty(0, dtype=torch.int32, device=rows.device)),
         )
         return dense, kjt
 

@@ -56,10 +56,15 @@ DEFAULT_PAIRS_PER_TILE = 1 << 13
 # bf16 on CPU: on the 2-core Xeon with AMX, 32k-pair tiles scored 18.6M pairs/s against 15.0M at 8k
 # (16k: 16.5M, 64k: 17.0M); the first layer's output is 8 MiB, what 16k fp32 tiles held on the EPYC.
 BF16_PAIRS_PER_TILE = 1 << 15
-# A GPU needs far larger tiles to fill it; a starting point, not measured (no GPU in that session).
-GPU_PAIRS_PER_TILE = 1 << 21
+# GPU tiles: on an H100 (2026-11-28, bf16, 10k x 2k) 512k-pair tiles scored 1.46e9 pairs/s against
+# 1.28e9 at 256k, 1.35e9 at 1M and 1.34e9 at 2M: smaller tiles cost more launches, larger ones
+# slower GEMMs (cuBLAS picks worse kernels for the very wide first layer). benchmarks/README.md, "GPU".
+GPU_PAIRS_PER_TILE = 1 << 19
 # One worker's unit of customers: 0.05-0.2 s of work, small enough that workers finish together.
 DEFAULT_PAIRS_PER_UNIT = 1 << 20
+# On a GPU each unit starts with a few host syncs (its customers' bag sizes) that leave the GPU idle
+# while the CPU queues the unit's work: units of 64M pairs (tens of ms of GPU work) make those rare.
+GPU_PAIRS_PER_UNIT = 1 << 26
 # Customers whose U' is built at once, right before their tiles: 1.5 MiB of U' in bf16, 3 MiB in
 # fp32. 16-128 measured within 1% of each other in fp32; 64 was best in bf16 by ~1%.
 U_PRIME_GROUP = 64
@@ -135,7 +140,7 @@ class ScoringPlan:
     column_of_row: torch.Tensor  # [P] int64: column of each product row, -1 where not scored
     w_x_rows: torch.Tensor  # [H*Fp, Fc] dtype: W_x[h, i, j] at row (h, j), column i
     u_fold: torch.Tensor | None  # [H, D] dtype: W_pd, added to U's first product block (None: no product dense arch)
-    w_pp: torch.Tensor  # [H, n_pp] dtype: U's last columns, the same for every customer
+    w_pp: torch.Tensor  # [H, n_pp + pad] dtype: U's last columns, the same for every customer
     middle: list[tuple[torch.Tensor, torch.Tensor]]  # over-arch layers 2..L-1 (ReLU after each), dtype
     last_w: torch.Tensor  # [H_{L-1}, 1] dtype: the last layer (torchrec's OverArch has at least two)
     last_b: float  # added to the kept logits only
@@ -149,6 +154,12 @@ class ScoringPlan:
     @property
     def k_dim(self) -> int:
         return int(self.e.shape[1])
+
+
+def k_alignment(device: torch.device) -> int:
+    """Columns K' is padded to a multiple of: cuBLAS's tensor-core kernels want rows in 16-byte
+    multiples (8 bf16 values) and take slower paths otherwise; oneDNN on a CPU does not care."""
+    return 1 if device.type == "cpu" else 8
 
 
 @torch.inference_mode()
@@ -177,6 +188,10 @@ def plan_scoring(
     else:
         v = torch.zeros((0, model.num_product_vectors, model.shape.embedding_dim), device=device)
     e = torch.cat([v.reshape(v.shape[0], -1), _same_side_dots(v, f.pp_pairs)], dim=1)
+    w_pp = f.w_pp
+    pad = -e.shape[1] % k_alignment(device)
+    if pad:  # zero columns in E' and in U' (through W_pp, U's last block): the same products, aligned rows
+        e, w_pp = nn.functional.pad(e, (0, pad)), nn.functional.pad(w_pp, (0, pad))
 
     h = f.b1.shape[0]
     fc, fp = f.w_x.shape[1], f.w_x.shape[2]
@@ -192,7 +207,7 @@ def plan_scoring(
         column_of_row=column_of_row,
         w_x_rows=f.w_x.permute(0, 2, 1).reshape(h * fp, fc).to(dtype).contiguous(),
         u_fold=u_fold,
-        w_pp=f.w_pp.to(dtype).contiguous(),
+        w_pp=w_pp.to(dtype).contiguous(),
         middle=rest[:-1],
         # a [*, 1] matrix: torch.mm runs bf16 at 35 us per 8k rows where torch.mv takes 51
         last_w=rest[-1][0].T.contiguous(),
@@ -238,6 +253,10 @@ def default_pairs_per_tile(device: torch.device, dtype: torch.dtype = torch.floa
     if device.type != "cpu":
         return GPU_PAIRS_PER_TILE
     return DEFAULT_PAIRS_PER_TILE if dtype == torch.float32 else BF16_PAIRS_PER_TILE
+
+
+def default_pairs_per_unit(device: torch.device) -> int:
+    return DEFAULT_PAIRS_PER_UNIT if device.type == "cpu" else GPU_PAIRS_PER_UNIT
 
 
 def tile_shape(num_products: int, pairs_per_tile: int) -> tuple[int, int]:
@@ -307,7 +326,7 @@ def score_all_pairs(
     dtype: torch.dtype = torch.float32,
     customer_rows: torch.Tensor | None = None,
     pairs_per_tile: int | None = None,
-    pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT,
+    pairs_per_unit: int | None = None,
     workers: int | None = None,
     plan: ScoringPlan | None = None,
 ) -> TopN:
@@ -321,6 +340,7 @@ def score_all_pairs(
     device = plan.e.device if plan is not None else next(model.parameters()).device
     workers = workers or default_workers(device)
     pairs_per_tile = pairs_per_tile or default_pairs_per_tile(device, dtype)
+    pairs_per_unit = pairs_per_unit or default_pairs_per_unit(device)
     if device.type == "cpu":
         keep_freed_memory_mapped()
     with single_threaded_kernels(workers > 1):
@@ -341,20 +361,26 @@ def _score_all_pairs(
     ex = (exclusions if exclusions is not None else Exclusions.none(n)).remapped(plan.column_of_row.cpu())
     n_p = plan.num_scored
     k = min(top_n, n_p)
-    out_rows = torch.empty((n, k), dtype=torch.long)
-    out_scores = torch.empty((n, k), dtype=torch.float32)
+    on_gpu = device.type != "cpu"
+    # On a GPU: the exclusion lists go over once, and each unit's top-N comes back into pinned memory
+    # without waiting, so the GPU is not idle while the CPU queues the next unit (the wait is at the end).
+    ex_device = ex.to(device) if on_gpu else None
+    out_rows = torch.empty((n, k), dtype=torch.long, pin_memory=on_gpu)
+    out_scores = torch.empty((n, k), dtype=torch.float32, pin_memory=on_gpu)
 
     def work(start: int, stop: int) -> None:
         bias, v_flat = customer_factors(plan, customers, rows_all[start:stop])
         logits = unit_logits(plan, bias, v_flat, pairs_per_tile)
-        apply_exclusions(logits, ex, start, stop)
+        apply_exclusions(logits, ex, start, stop, ex_device)
         values, columns = top_k_rows(logits, k)
         unfilled = values == float("-inf")
-        out_rows[start:stop] = plan.product_rows[columns].masked_fill_(unfilled, -1).cpu()
+        out_rows[start:stop].copy_(plan.product_rows[columns].masked_fill_(unfilled, -1), non_blocking=on_gpu)
         scores = torch.sigmoid_(values.float().add_(plan.last_b)).masked_fill_(unfilled, float("nan"))
-        out_scores[start:stop] = scores.cpu()
+        out_scores[start:stop].copy_(scores, non_blocking=on_gpu)
 
     run_units(customer_units(n, n_p, pairs_per_tile, pairs_per_unit), work, workers)
+    if on_gpu:
+        torch.cuda.synchronize(device)
     return TopN(product_rows=out_rows, scores=out_scores)
 
 

@@ -30,6 +30,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, relu: bool,
     """
     if onednn:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "relu" if relu else "none", [], "")
+    if relu and b is not None and x.is_cuda:
+        # cuBLASLt's bias+ReLU epilogue (what Inductor emits for Linear+ReLU): one pass over the output.
+        return torch._addmm_activation(b, x, w.T)
     y = nn.functional.linear(x, w, b)
     return torch.relu_(y) if relu else y
 

@@ -24,23 +24,31 @@ import torch
 from feedpipe.contract import PRODUCT_ID
 from feedpipe.process_group import RankGroup, split_range
 from feedpipe.ranking import model_ranking
-from feedpipe.scoring import DEFAULT_PAIRS_PER_TILE, DEFAULT_PAIRS_PER_UNIT, customer_units, default_pairs_per_tile
+from feedpipe.scoring import (
+    DEFAULT_PAIRS_PER_TILE,
+    DEFAULT_PAIRS_PER_UNIT,
+    customer_units,
+    default_pairs_per_tile,
+    default_pairs_per_unit,
+)
 from feedpipe.training import TrainedModel
 
 
-def customers_per_unit(num_scored_products: int, pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE) -> int:
-    """Customers in one of the scorer's work units at this tile size and its default unit size."""
+def customers_per_unit(num_scored_products: int, pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
+                       pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT) -> int:
+    """Customers in one of the scorer's work units at this tile and unit size (the device's defaults)."""
     # The scorer's own unit rule: ranges aligned to it make the merged result bit-identical (a
     # change to the rule shows up as a failing row-for-row test, not as a silent difference).
-    n = DEFAULT_PAIRS_PER_UNIT + pairs_per_tile  # more customers than any unit holds
-    start, stop = customer_units(n, num_scored_products, pairs_per_tile, DEFAULT_PAIRS_PER_UNIT)[0]
+    n = pairs_per_unit + pairs_per_tile  # more customers than any unit holds
+    start, stop = customer_units(n, num_scored_products, pairs_per_tile, pairs_per_unit)[0]
     return stop - start
 
 
 def customer_range(num_customers: int, num_scored_products: int, world_size: int, rank: int,
-                   pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE) -> tuple[int, int]:
+                   pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
+                   pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT) -> tuple[int, int]:
     """[start, stop) of this rank's customers: a contiguous run of whole scorer units."""
-    per_unit = customers_per_unit(num_scored_products, pairs_per_tile)
+    per_unit = customers_per_unit(num_scored_products, pairs_per_tile, pairs_per_unit)
     units = -(-num_customers // per_unit)
     first, last = split_range(units, world_size, rank)
     return min(num_customers, first * per_unit), min(num_customers, last * per_unit)
@@ -48,13 +56,13 @@ def customer_range(num_customers: int, num_scored_products: int, world_size: int
 
 def rank_customers(
     customers: pl.DataFrame, products: pl.DataFrame, group: RankGroup, unavailable: pl.Series | None = None,
-    pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
+    pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE, pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT,
 ) -> pl.DataFrame:
-    """This rank's customer rows (see `customer_range`), in units of the scorer's tile size."""
+    """This rank's customer rows (see `customer_range`), in units of the scorer's tile and unit size."""
     scored = products.height
     if unavailable is not None and unavailable.len():
         scored -= products.join(unavailable.to_frame(PRODUCT_ID), on=PRODUCT_ID, how="semi").height
-    start, stop = customer_range(customers.height, scored, group.world_size, group.rank, pairs_per_tile)
+    start, stop = customer_range(customers.height, scored, group.world_size, group.rank, pairs_per_tile, pairs_per_unit)
     return customers.slice(start, stop - start)
 
 
@@ -75,8 +83,9 @@ def score_rank_part(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[int, int]:
     """Score this rank's customers and write its part; returns (customers, pairs) it scored."""
-    tile = default_pairs_per_tile(next(trained.model.parameters()).device, dtype)
-    mine = rank_customers(customers, products, group, unavailable, tile)
+    device = next(trained.model.parameters()).device
+    tile, unit = default_pairs_per_tile(device, dtype), default_pairs_per_unit(device)  # what the scorer will use
+    mine = rank_customers(customers, products, group, unavailable, tile, unit)
     ranking = model_ranking(trained, mine, products, top_n=top_n, exclude=exclude, unavailable=unavailable,
                             dtype=dtype, pairs_per_tile=tile)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,9 @@ class Exclusions:
         np.cumsum(counts, out=offsets[1:])
         return cls(torch.from_numpy(offsets), torch.from_numpy(p))
 
+    def to(self, device: torch.device | str) -> "Exclusions":
+        return Exclusions(self.offsets.to(device), self.values.to(device))
+
     @classmethod
     def none(cls, num_customers: int) -> "Exclusions":
         return cls(torch.zeros(num_customers + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
@@ -60,15 +63,20 @@ class Exclusions:
         return Exclusions(offsets, cols[keep])
 
 
-def apply_exclusions(logits: torch.Tensor, ex: Exclusions, start: int, stop: int) -> None:
-    """Set the excluded products of customers [start, stop) to -inf in their block of logits."""
+def apply_exclusions(logits: torch.Tensor, ex: Exclusions, start: int, stop: int,
+                     on_device: Exclusions | None = None) -> None:
+    """Set the excluded products of customers [start, stop) to -inf in their block of logits.
+
+    `on_device`: the same lists already on the logits' device (`ex.to`); `ex` stays on the CPU for the
+    bounds, so nothing here waits for the device.
+    """
     lo, hi = int(ex.offsets[start]), int(ex.offsets[stop])
     if hi == lo:
         return
-    lengths = ex.offsets[start + 1 : stop + 1] - ex.offsets[start:stop]
-    block_rows = torch.repeat_interleave(torch.arange(stop - start, device=logits.device), lengths.to(logits.device))
-    logits[block_rows, ex.values[lo:hi].to(logits.device)] = float("-inf")
-
+    src = on_device if on_device is not None else ex
+    lengths = src.offsets[start + 1 : stop + 1] - src.offsets[start:stop]
+    block_rows = torch.repeat_interleave(torch.arange(stop - start, device=lengths.device), lengths, output_size=hi - lo)
+    logits[block_rows.to(logits.device), src.values[lo:hi].to(logits.device)] = float("-inf")
 
 
 def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +89,7 @@ def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     s, p = logits.shape
     g = TOPK_CHUNK
     c = p // g
-    if k == 0 or c < 2 * k:
+    if k == 0 or c < 2 * k or not logits.is_cpu:  # measured on CPU cores; a GPU's topk is its own
         return tuple(torch.topk(logits, k, dim=1))
     chunks = logits[:, : c * g].view(s, c, g)
     best = torch.topk(chunks.amax(dim=2), k, dim=1, sorted=False).indices  # [S, k]

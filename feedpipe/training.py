@@ -160,8 +160,9 @@ class TrainResult:
         return self.history[self.best_epoch]
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator | None):
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+def _batches(n: int, batch_size: int, generator: torch.Generator | None, device: torch.device | str = "cpu"):
+    # The order moves to the device once: a per-batch host-to-device copy would wait for the GPU each step.
+    order = (torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)).to(device)
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size]
 
@@ -176,7 +177,8 @@ def forward_examples(model: TwoSidedDLRM, data: ExampleTensors, rows: torch.Tens
 def evaluate_examples(model: TwoSidedDLRM, data: ExampleTensors, batch_size: int = 16384) -> tuple[float, float]:
     """(log loss, AUC) on labelled examples."""
     model.eval()
-    logits = torch.cat([forward_examples(model, data, rows) for rows in _batches(data.num_rows, batch_size, None)])
+    batches = _batches(data.num_rows, batch_size, None, data.labels.device)
+    logits = torch.cat([forward_examples(model, data, rows) for rows in batches])
     labels = data.labels.to(logits.device)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
     auc = binary_auroc(torch.sigmoid(logits), labels.long()).item()
@@ -200,8 +202,10 @@ class InProcess:
     def __init__(self, flat: bool = True) -> None:
         self.flat = flat
         self.tables: dict[str, FlatTables] = {}
+        self.device = torch.device("cpu")
 
     def build(self, shape: ModelShape, config: TrainConfig, device: torch.device):
+        self.device = device
         model = TwoSidedDLRM(shape, device=device)
         if not self.flat:
             return model, make_optimizers(model, config)
@@ -237,7 +241,7 @@ class InProcess:
         return model.logits_from_vectors(*sides)
 
     def batches(self, n: int, batch_size: int, generator: torch.Generator):
-        return _batches(n, batch_size, generator)
+        return _batches(n, batch_size, generator, self.device)
 
     def evaluate(self, model, data: ExampleTensors) -> tuple[float, float]:
         return evaluate_examples(model, data)
@@ -269,6 +273,46 @@ def training_threads(config: TrainConfig, shape: ModelShape) -> int:
     widths = [TwoSidedDLRM.over_arch_input_width(shape), *shape.over_arch_layers]
     macs = sum(a * b for a, b in zip(widths, widths[1:]))
     return 1 if macs < ONE_THREAD_BELOW_MACS else torch.get_num_threads()
+
+
+# Batches whose losses are read back (and checked) at once; also one point of the loss curve.
+LOSS_GROUP = 20
+
+
+class _EpochLosses:
+    """An epoch's batch losses, kept on the device and read back LOSS_GROUP batches at a time.
+
+    Reading each loss as it comes (`loss.item()`) makes the CPU wait for the GPU every step, so its
+    launches of the next step never overlap the current one. A non-finite loss is still caught within
+    LOSS_GROUP steps, and training stops before the model is evaluated or saved.
+    """
+
+    def __init__(self, epoch: int, learning_rate: float, curve: list[float]) -> None:
+        self.epoch, self.learning_rate, self.curve = epoch, learning_rate, curve
+        self.pending: list[tuple[torch.Tensor, int]] = []
+        self.total, self.count, self.batches = 0.0, 0, 0
+
+    def add(self, loss: torch.Tensor, rows: int) -> None:
+        self.pending.append((loss.detach(), rows))
+        if len(self.pending) == LOSS_GROUP:
+            self.check()
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([loss for loss, _ in self.pending]).tolist()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise TrainingDiverged(
+                    f"training loss became {v} at epoch {self.epoch}, batch {self.batches + i}; "
+                    f"lower the learning rate (now {self.learning_rate}) or check the input features"
+                )
+        self.total += sum(v * n for v, (_, n) in zip(values, self.pending))
+        self.count += sum(n for _, n in self.pending)
+        self.batches += len(values)
+        if len(values) == LOSS_GROUP:  # the curve's points are whole groups, as before
+            self.curve.append(sum(values) / len(values))
+        self.pending = []
 
 
 def train_dlrm(
@@ -305,27 +349,19 @@ def _train(train, valid, shape, config, device, log, parallel) -> TrainResult:
     for epoch in range(config.epochs):
         model.train()
         t0 = time.perf_counter()
-        total, count, group_loss, group_n = 0.0, 0, 0.0, 0
+        losses = _EpochLosses(epoch, config.learning_rate, loss_curve)
         for rows in parallel.batches(train.num_rows, config.batch_size, generator):
             rows = rows.to(device)
             logits = parallel.forward(model, prepared, rows)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, train.labels.index_select(0, rows))
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"training loss became {loss.item()} at epoch {epoch}, after {count} batches; "
-                    f"lower the learning rate (now {config.learning_rate}) or check the input features"
-                )
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
             for opt in optimizers:
                 opt.step()
-            total += loss.item() * rows.numel()
-            count += rows.numel()
-            group_loss, group_n = group_loss + loss.item(), group_n + 1
-            if group_n == 20:
-                loss_curve.append(group_loss / group_n)
-                group_loss, group_n = 0.0, 0
+            losses.add(loss, rows.numel())
+        losses.check()
+        total, count = losses.total, losses.count
         epoch_seconds = time.perf_counter() - t0
         total, count = parallel.sum(total, count)  # over ranks
         samples += count

@@ -7,12 +7,14 @@ import torch
 from feedpipe.feature_tensors import side_tensors
 from feedpipe.model import ModelShape, SparseFeature, TwoSidedDLRM
 from feedpipe.training import (
+    LOSS_GROUP,
     TrainConfig,
     TrainedModel,
     TrainingDiverged,
     evaluate_examples,
     model_shape,
     split_examples,
+    _EpochLosses,
     train_dlrm,
 )
 from feedpipe_tests.model_fixtures import CUSTOMER_SPECS, PRODUCT_SPECS, grouped_data
@@ -77,6 +79,21 @@ def test_non_finite_loss_stops_training_with_a_clear_error(data):
     shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, FAST)
     with pytest.raises(TrainingDiverged, match="training loss became nan"):
         train_dlrm(train, valid, shape, FAST)
+
+
+def test_batch_losses_are_checked_in_groups_and_name_the_first_bad_batch():
+    curve = []
+    losses = _EpochLosses(epoch=2, learning_rate=0.1, curve=curve)
+    for i in range(LOSS_GROUP + 3):
+        losses.add(torch.tensor(float(i)), rows=10)
+    losses.check()  # the partial last group: counted, but not a point of the curve
+    assert losses.count == 10 * (LOSS_GROUP + 3)
+    assert losses.total == pytest.approx(10 * sum(range(LOSS_GROUP + 3)))
+    assert curve == [pytest.approx(sum(range(LOSS_GROUP)) / LOSS_GROUP)]
+    for v in (1.0, 2.0, float("inf"), float("nan")):
+        losses.add(torch.tensor(v), rows=10)
+    with pytest.raises(TrainingDiverged, match=f"loss became inf at epoch 2, batch {LOSS_GROUP + 5}"):
+        losses.check()
 
 
 def test_checkpoint_round_trip_reproduces_the_logits(data, tmp_path):

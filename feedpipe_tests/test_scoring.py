@@ -27,9 +27,9 @@ def _random_case(seed, n_customers, n_products, customer_dense, product_dense, o
 
 
 def _all_pairs_forward(model, customers, products):
-    nc, np_ = customers.num_rows, products.num_rows
-    c = torch.arange(nc).repeat_interleave(np_)
-    p = torch.arange(np_).repeat(nc)
+    nc, np_, device = customers.num_rows, products.num_rows, customers.dense.device
+    c = torch.arange(nc, device=device).repeat_interleave(np_)
+    p = torch.arange(np_, device=device).repeat(nc)
     return forward_pairs(model, customers, products, c, p).view(nc, np_)
 
 
@@ -51,6 +51,17 @@ def test_the_generic_kernel_path_is_exact_too(monkeypatch):
     model, customers, products = _random_case(3, 30, 50, 2, 1)
     got = pair_logits(model, customers, products, torch.arange(30), pairs_per_tile=128)
     assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
+
+
+def test_padding_k_to_an_alignment_changes_no_logit(monkeypatch):
+    """What a GPU plan does (zero columns in E' and W_pp), checked where it runs here."""
+    monkeypatch.setattr(scoring, "k_alignment", lambda device: 8)
+    for product_dense in (0, 1):
+        model, customers, products = _random_case(4, 25, 40, 2, product_dense)
+        plan = scoring.plan_scoring(model, products)
+        assert plan.k_dim % 8 == 0 and plan.w_pp.shape[1] == plan.k_dim - model.num_product_vectors * 8
+        got = pair_logits(model, customers, products, torch.arange(25), pairs_per_tile=120)
+        assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
 
 
 def _reference_top_n(ref, excluded_pairs, unavailable, n):
@@ -129,3 +140,39 @@ def test_chunked_top_k_equals_torch_topk_including_rows_with_few_finite_values()
         assert torch.equal(values, ref.values)
         finite = ref.values > float("-inf")
         assert torch.equal(indices[finite], ref.indices[finite])
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_on_cuda_every_pair_logit_equals_the_forward_pass_and_top_n_matches_the_cpu():
+    """The GPU path (cuBLASLt's fused bias+ReLU, torch.topk, device exclusions) against the forward and the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # exactness is asked of fp32, not of TF32
+    model, customers, products = _random_case(17, 70, 130, 2, 1)
+    rng = np.random.default_rng(1)
+    excluded = [(int(c), int(p)) for c in range(0, 70, 2) for p in rng.choice(130, 9, replace=False)]
+    ex = Exclusions.from_pairs(np.array([c for c, _ in excluded]), np.array([p for _, p in excluded]), 70)
+    unavailable = torch.tensor([3, 77])
+    cpu = score_all_pairs(model, customers, products, top_n=12, exclusions=ex, unavailable=unavailable)
+    gpu_model, gc, gp = model.to("cuda"), customers.to("cuda"), products.to("cuda")
+    ref = _all_pairs_forward(gpu_model, gc, gp)
+    got = pair_logits(gpu_model, gc, gp, torch.arange(70, device="cuda"), pairs_per_tile=256)
+    assert (got - ref).abs().max().item() <= 1e-5
+    # small tiles and units: several units, product chunks, a partial last tile
+    top = score_all_pairs(gpu_model, gc, gp, top_n=12, exclusions=ex, unavailable=unavailable,
+                          pairs_per_tile=300, pairs_per_unit=2000)
+    assert top.product_rows.device.type == "cpu"
+    assert torch.equal(top.product_rows, cpu.product_rows)
+    assert (top.scores - cpu.scores).abs().max().item() <= 1e-5
+
+
+@needs_cuda
+def test_on_cuda_bf16_ranks_nearly_like_fp32():
+    model, customers, products = _random_case(13, 100, 400, 2, 1, over_arch=(64, 32, 1))
+    model, customers, products = model.to("cuda"), customers.to("cuda"), products.to("cuda")
+    rows = torch.arange(100, device="cuda")
+    fp32 = pair_logits(model, customers, products, rows)
+    bf16 = pair_logits(model, customers, products, rows, dtype=torch.bfloat16)
+    a, b = torch.topk(fp32, 20, dim=1).indices, torch.topk(bf16, 20, dim=1).indices
+    assert (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).float().mean().item() >= 0.95
