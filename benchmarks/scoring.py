@@ -40,6 +40,7 @@ from benchmarks.machine import cpu_name  # noqa: E402
 from feedpipe.feature_tensors import SideTensors  # noqa: E402
 from feedpipe.model import ModelShape, SparseFeature, TwoSidedDLRM  # noqa: E402
 from feedpipe.scoring import (  # noqa: E402
+    PRECISIONS,
     Exclusions,
     customer_units,
     default_pairs_per_tile,
@@ -47,13 +48,13 @@ from feedpipe.scoring import (  # noqa: E402
     forward_pairs,
     pair_logits,
     plan_scoring,
+    precision,
     score_all_pairs,
     tile_shape,
 )
 from feedpipe.scoring_runtime import default_workers, linear, run_units, single_threaded_kernels  # noqa: E402
 from feedpipe.training import TrainConfig  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The demo model after training (6 epochs, 10k x 2k): embedding rows have std 0.15-0.28 and Linear
 # weights std 0.7-1.4 / sqrt(fan_in), and a customer's logits over the products have std ~2. TorchRec's
 # default init (embeddings uniform +-1/sqrt(rows): 0.01 for 10k ids; Linear 0.58 / sqrt(fan_in)) gives
@@ -234,7 +235,9 @@ def rss_probe(args) -> dict:
     before = rss_bytes("VmRSS")
     peak_before = rss_bytes("VmHWM")
     t = time.perf_counter()
-    top = score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=DTYPES[args.dtype])
+    chosen = precision(args.dtype)
+    top = score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=chosen.dtype,
+                          rerank=chosen.rerank)
     seconds = time.perf_counter() - t
     peak = rss_bytes("VmHWM")
     result = top.product_rows.nbytes + top.scores.nbytes
@@ -279,7 +282,9 @@ def asset_against_projection(args) -> dict:
     ex = random_exclusions(n_c, n_p, args.exclude, torch.Generator().manual_seed(2))
 
     def scorer():
-        score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=DTYPES[args.dtype])
+        chosen = precision(args.dtype)
+        score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=chosen.dtype,
+                        rerank=chosen.rerank)
 
     resources = build_resources(artifacts_root=str(root))
     instance = dg.DagsterInstance.ephemeral()
@@ -308,7 +313,8 @@ def asset_against_projection(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32",
+                    help="bf16-rerank: bf16, each customer's best 2N re-scored in fp32 (the roofline stays bf16's)")
     ap.add_argument("--customers", type=int, default=10_000)
     ap.add_argument("--products", type=int, default=2_000)
     ap.add_argument("--top-n", type=int, default=100, help="as pair_scores keeps (ScoringConfig.top_n)")
@@ -338,7 +344,7 @@ def main() -> None:
         print(json.dumps(rss_probe(args)))
         return
 
-    dtype = DTYPES[args.dtype]
+    dtype, rerank = precision(args.dtype).dtype, precision(args.dtype).rerank
     device = torch.device(args.device)
     on_cpu = device.type == "cpu"
     args.pairs_per_tile = args.pairs_per_tile or default_pairs_per_tile(device, dtype)
@@ -356,7 +362,7 @@ def main() -> None:
         f"tile {tile_shape(args.products, args.pairs_per_tile)} (customers, products)")
 
     def scorer():
-        score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=dtype,
+        score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=dtype, rerank=rerank,
                         pairs_per_tile=args.pairs_per_tile, pairs_per_unit=pairs_per_unit, workers=workers)
 
     kernels = ("onednn", "mkl") if on_cpu else ("cublas",)
@@ -407,7 +413,11 @@ def main() -> None:
         if dtype != torch.float32:
             k = min(20, args.products)
             a = torch.topk(fp32_all, k, dim=1).indices
-            b = torch.topk(pair_logits(model, customers, products, check_rows, dtype=dtype), k, dim=1).indices
+            if rerank:  # the scorer's own top k, re-ranked
+                b = score_all_pairs(model, customers, products, top_n=k, dtype=dtype, rerank=True,
+                                    customer_rows=check_rows).product_rows.to(device)
+            else:
+                b = torch.topk(pair_logits(model, customers, products, check_rows, dtype=dtype), k, dim=1).indices
             hits = (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)
             overlap = float(hits.float().mean() / k)
 

@@ -32,7 +32,6 @@ import torch
 from feedpipe.process_group import RankGroup, join_process_group, leave_process_group
 
 SUMMARY_FILE = "summary.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def train_config_from_json(text: str):
@@ -90,11 +89,14 @@ def run_training(args, group: RankGroup, log) -> dict:
 
 
 def run_scoring(args, group: RankGroup, log) -> dict:
+    from feedpipe.scoring import precision
     from feedpipe.sharded_scoring import merge_parts, score_rank_part
     from feedpipe.training import TrainedModel
 
-    if args.dtype not in DTYPES:
-        raise SystemExit(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    try:
+        chosen = precision(args.dtype)
+    except ValueError as e:
+        raise SystemExit(f"--dtype: {e}") from None
     t0 = time.perf_counter()
     trained = TrainedModel.load(args.model, device=group.device)
     customers, products = pl.read_parquet(args.customers), pl.read_parquet(args.products)
@@ -105,7 +107,7 @@ def run_scoring(args, group: RankGroup, log) -> dict:
     t1 = time.perf_counter()
     n_customers, pairs = score_rank_part(
         trained, customers, products, group, parts_dir,
-        top_n=args.top_n, exclude=exclude, unavailable=unavailable, dtype=DTYPES[args.dtype],
+        top_n=args.top_n, exclude=exclude, unavailable=unavailable, dtype=chosen.dtype, rerank=chosen.rerank,
     )
     rank_seconds = time.perf_counter() - t1
     log(f"rank {group.rank}: scored {n_customers:,} customers x {products.height:,} products in {rank_seconds:.1f}s")
@@ -150,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--unavailable", default="", help="Parquet whose first column holds product ids never recommended")
     s.add_argument("--out", required=True, help="Parquet of customer_id, product_id, rank, score")
     s.add_argument("--top-n", type=int, default=100)
-    s.add_argument("--dtype", default="fp32")
+    s.add_argument("--dtype", default="fp32", help="fp32, bf16 or bf16-rerank (scoring.PRECISIONS)")
     return p
 
 

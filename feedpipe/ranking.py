@@ -71,6 +71,7 @@ def model_ranking(
     exclude: pl.DataFrame | None = None,
     unavailable: pl.Series | None = None,
     dtype: torch.dtype = torch.float32,
+    rerank: bool = False,
     pairs_per_tile: int | None = None,
     timings: dict[str, float] | None = None,
 ) -> pl.DataFrame:
@@ -102,6 +103,7 @@ def model_ranking(
         exclusions=exclusions,
         unavailable=unavailable_rows,
         dtype=dtype,
+        rerank=rerank,
         pairs_per_tile=pairs_per_tile,
     )
     t3 = time.perf_counter()
@@ -118,11 +120,13 @@ def top_k_overlap(
     products: pl.DataFrame,
     *,
     dtype: torch.dtype = torch.bfloat16,
+    rerank: bool = False,
     k: int = 20,
     sample: int = 256,
     seed: int = 0,
 ) -> float:
-    """Mean share of the fp32 top k that `dtype` also ranks in its top k, over a sample of customers.
+    """Mean share of the fp32 top k that `dtype` (re-ranked in fp32 with `rerank`) also ranks in its
+    top k, over a sample of customers.
 
     How far bf16 can be trusted depends on the model (how far apart its scores are), so pair_scores
     measures it on the model it serves rather than quoting a benchmark's random model.
@@ -138,7 +142,11 @@ def top_k_overlap(
     if k == 0 or not enc_c.height:
         return 1.0
     ref = torch.topk(pair_logits(trained.model, c_side, p_side, rows), k, dim=1).indices
-    got = torch.topk(pair_logits(trained.model, c_side, p_side, rows, dtype=dtype), k, dim=1).indices
+    if rerank:
+        got = score_all_pairs(trained.model, c_side, p_side, top_n=k, dtype=dtype, rerank=True).product_rows
+        got = got.to(device)
+    else:
+        got = torch.topk(pair_logits(trained.model, c_side, p_side, rows, dtype=dtype), k, dim=1).indices
     return float((ref.unsqueeze(2) == got.unsqueeze(1)).any(dim=2).float().mean())
 
 

@@ -27,6 +27,11 @@ process on a shared machine slows one worker instead of stalling both. Top-N is 
 (`top_k_rows`), exclusions are scattered into the unit's logits from a CSR list, and unavailable
 products are dropped from E' before scoring, so no customers x products matrix ever exists.
 
+bf16 scores 3-4x faster than fp32 where the CPU has AMX, but its 8-bit mantissa swaps near-ties. With
+`rerank`, each customer's best RERANK_FACTOR x N bf16 columns are scored again in fp32 (a batched product
+per customer over just those candidates) and the top N taken from those: the fp32 ranking whenever fp32's
+top N lies among bf16's top RERANK_FACTOR x N.
+
 The CPU kernels, worker threads and allocator settings live in `scoring_runtime.py`.
 """
 
@@ -41,6 +46,7 @@ from torch import nn
 from feedpipe.feature_tensors import SideTensors
 from feedpipe.model import TwoSidedDLRM
 from feedpipe.scoring_runtime import (
+    HostCopies,
     default_workers,
     keep_freed_memory_mapped,
     linear,
@@ -65,9 +71,38 @@ DEFAULT_PAIRS_PER_UNIT = 1 << 20
 # On a GPU each unit starts with a few host syncs (its customers' bag sizes) that leave the GPU idle
 # while the CPU queues the unit's work: units of 64M pairs (tens of ms of GPU work) make those rare.
 GPU_PAIRS_PER_UNIT = 1 << 26
+# A unit's customer-side tensors (vectors, biases, gathered bags: ~1 KB a customer) exist at once:
+# with a tiny catalogue a unit of pairs would be millions of customers, so units also stop here.
+MAX_UNIT_CUSTOMERS = 1 << 16
+# Candidates re-scored in fp32 per kept product with `rerank`: fp32's top N must lie among bf16's
+# top RERANK_FACTOR x N, which bf16's error (~5e-3 on logits that differ by ~1 in a trained model) keeps.
+RERANK_FACTOR = 2
 # Customers whose U' is built at once, right before their tiles: 1.5 MiB of U' in bf16, 3 MiB in
 # fp32. 16-128 measured within 1% of each other in fp32; 64 was best in bf16 by ~1%.
 U_PRIME_GROUP = 64
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How pairs are scored: the matrix products' dtype, and whether bf16's candidates are re-ranked in fp32."""
+
+    dtype: torch.dtype
+    rerank: bool = False
+
+
+PRECISIONS = {
+    "fp32": Precision(torch.float32),
+    "bf16": Precision(torch.bfloat16),
+    "bf16-rerank": Precision(torch.bfloat16, rerank=True),
+}
+
+
+def precision(name: str) -> Precision:
+    """The Precision of a config or command-line name (one place for every caller's choices)."""
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise ValueError(f"scoring precision must be one of {sorted(PRECISIONS)}, got {name!r}") from None
 
 
 @dataclass
@@ -307,10 +342,42 @@ def unit_logits(plan: ScoringPlan, bias: torch.Tensor, v_flat: torch.Tensor, pai
     return out
 
 
+def candidate_logits(plan: ScoringPlan, bias: torch.Tensor, v_flat: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Logits [S, C] (without the last bias) of each customer against its own candidate columns [S, C].
+
+    The same chain as `unit_logits`, per customer over C products instead of over every product:
+    x = relu(E'[columns] . U'^T + bias) as one batched product, then the remaining layers.
+    """
+    s, c = columns.shape
+    h = bias.shape[1]
+    out = torch.empty((s, c), dtype=plan.dtype, device=bias.device)
+    for g0 in range(0, s, U_PRIME_GROUP):
+        g1 = min(s, g0 + U_PRIME_GROUP)
+        u = u_prime(plan, v_flat[g0:g1]).view(g1 - g0, h, -1)  # [G, H, K']
+        x = torch.baddbmm(bias[g0:g1].unsqueeze(1), plan.e[columns[g0:g1]], u.transpose(1, 2)).relu_()
+        x = x.view(-1, h)
+        for w, b in plan.middle:
+            x = torch.addmm(b, x, w.T).relu_()
+        torch.mm(x, plan.last_w, out=out[g0:g1].view(-1, 1))
+    return out
+
+
+def _rerank(exact: ScoringPlan, logits: torch.Tensor, bias: torch.Tensor, v_flat: torch.Tensor,
+            k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k (values, columns) of fp32 logits over the best RERANK_FACTOR x k columns of low-precision `logits`."""
+    _, candidates = top_k_rows(logits, min(logits.shape[1], RERANK_FACTOR * k))
+    fp32 = candidate_logits(exact, bias, v_flat, candidates)
+    fp32.masked_fill_(torch.gather(logits, 1, candidates) == float("-inf"), float("-inf"))  # excluded stay out
+    values, best = torch.topk(fp32, k, dim=1)
+    return values, torch.gather(candidates, 1, best)
+
+
 def customer_units(n: int, num_products: int, pairs_per_tile: int, pairs_per_unit: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges of customers, each ~pairs_per_unit pairs and a whole number of tiles."""
+    """[start, stop) ranges of customers, each ~pairs_per_unit pairs (at most MAX_UNIT_CUSTOMERS
+    customers) and a whole number of tiles."""
     b_tile, _ = tile_shape(num_products, pairs_per_tile)
-    per_unit = max(b_tile, (max(1, pairs_per_unit // max(1, num_products)) // b_tile) * b_tile)
+    customers = min(MAX_UNIT_CUSTOMERS, max(1, pairs_per_unit // max(1, num_products)))
+    per_unit = max(b_tile, customers // b_tile * b_tile)
     return [(s, min(n, s + per_unit)) for s in range(0, n, per_unit)]
 
 
@@ -329,13 +396,15 @@ def score_all_pairs(
     pairs_per_unit: int | None = None,
     workers: int | None = None,
     plan: ScoringPlan | None = None,
+    rerank: bool = False,
 ) -> TopN:
     """Top-N products per customer over all available products (exact in fp32; see module docstring).
 
     `unavailable`: product rows never recommended. `customer_rows` restricts scoring to those rows of
     `customers` (e.g. one rank's range); the result and `exclusions` are indexed by position in it.
     `workers`: threads, each running single-threaded kernels (default: torch.get_num_threads() on CPU,
-    1 elsewhere); 1 runs inline with torch's own intra-op threads.
+    1 elsewhere); 1 runs inline with torch's own intra-op threads. `rerank`: with a low-precision dtype,
+    re-score each customer's best RERANK_FACTOR x top_n columns in fp32 and keep the top_n of those.
     """
     device = plan.e.device if plan is not None else next(model.parameters()).device
     workers = workers or default_workers(device)
@@ -346,41 +415,50 @@ def score_all_pairs(
     with single_threaded_kernels(workers > 1):
         return _score_all_pairs(
             model, customers, products, top_n, exclusions, unavailable, dtype, customer_rows, pairs_per_tile,
-            pairs_per_unit, workers, plan,
+            pairs_per_unit, workers, plan, rerank,
         )
 
 
 def _score_all_pairs(
     model, customers, products, top_n, exclusions, unavailable, dtype, customer_rows, pairs_per_tile,
-    pairs_per_unit, workers, plan,
+    pairs_per_unit, workers, plan, rerank,
 ) -> TopN:
     plan = plan or plan_scoring(model, products, dtype=dtype, unavailable=unavailable)
+    exact = None
+    if rerank and plan.dtype != torch.float32:
+        exact = plan_scoring(model, products, dtype=torch.float32, unavailable=unavailable)
     device = plan.e.device
     rows_all = customer_rows if customer_rows is not None else torch.arange(customers.num_rows, device=device)
     n = rows_all.numel()
     ex = (exclusions if exclusions is not None else Exclusions.none(n)).remapped(plan.column_of_row.cpu())
     n_p = plan.num_scored
     k = min(top_n, n_p)
-    on_gpu = device.type != "cpu"
-    # On a GPU: the exclusion lists go over once, and each unit's top-N comes back into pinned memory
-    # without waiting, so the GPU is not idle while the CPU queues the next unit (the wait is at the end).
-    ex_device = ex.to(device) if on_gpu else None
-    out_rows = torch.empty((n, k), dtype=torch.long, pin_memory=on_gpu)
-    out_scores = torch.empty((n, k), dtype=torch.float32, pin_memory=on_gpu)
+    out_rows = torch.empty((n, k), dtype=torch.long)
+    out_scores = torch.empty((n, k), dtype=torch.float32)
+    # On a GPU the exclusion lists go over once, and each unit's top-N comes back without the CPU
+    # waiting for it (HostCopies), so the GPU is not idle while the CPU queues the next unit.
+    ex_device = ex.to(device) if device.type != "cpu" else None
+    copies = HostCopies([out_rows, out_scores]) if device.type == "cuda" else None
 
     def work(start: int, stop: int) -> None:
-        bias, v_flat = customer_factors(plan, customers, rows_all[start:stop])
-        logits = unit_logits(plan, bias, v_flat, pairs_per_tile)
+        bias, v_flat = customer_factors(exact if exact is not None else plan, customers, rows_all[start:stop])
+        logits = unit_logits(plan, bias.to(plan.dtype), v_flat.to(plan.dtype), pairs_per_tile)
         apply_exclusions(logits, ex, start, stop, ex_device)
-        values, columns = top_k_rows(logits, k)
+        if exact is not None:
+            values, columns = _rerank(exact, logits, bias, v_flat, k)
+        else:
+            values, columns = top_k_rows(logits, k)
         unfilled = values == float("-inf")
-        out_rows[start:stop].copy_(plan.product_rows[columns].masked_fill_(unfilled, -1), non_blocking=on_gpu)
+        rows = plan.product_rows[columns].masked_fill_(unfilled, -1)
         scores = torch.sigmoid_(values.float().add_(plan.last_b)).masked_fill_(unfilled, float("nan"))
-        out_scores[start:stop].copy_(scores, non_blocking=on_gpu)
+        if copies is not None:
+            copies.put(start, stop, rows, scores)
+        else:
+            out_rows[start:stop], out_scores[start:stop] = rows.cpu(), scores.cpu()
 
     run_units(customer_units(n, n_p, pairs_per_tile, pairs_per_unit), work, workers)
-    if on_gpu:
-        torch.cuda.synchronize(device)
+    if copies is not None:
+        copies.finish()
     return TopN(product_rows=out_rows, scores=out_scores)
 
 

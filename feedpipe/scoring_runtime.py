@@ -1,4 +1,4 @@
-"""How scoring runs on the machine: the matrix-product kernel, worker threads, and the allocator.
+"""How scoring runs on the machine: the matrix-product kernel, worker threads, the allocator, device copies.
 
 Core code without Dagster, shared by `scoring.py` and `benchmarks/scoring.py` (whose roofline must
 run exactly like the scorer: same kernel, same threads); `training.py` sets its threads here too.
@@ -102,3 +102,44 @@ def run_units(units: list[tuple[int, int]], work, workers: int) -> None:
 def default_workers(device: torch.device) -> int:
     """One worker per intra-op thread torch was given on CPU; one stream of work on a GPU."""
     return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+class HostCopies:
+    """Each unit's results from a CUDA device into host arrays without making the CPU wait for them.
+
+    A unit's tensors go into fresh pinned buffers with non-blocking copies and are moved into the
+    (pageable) outputs one unit later, once an event says the copy is done: meanwhile the GPU runs the
+    next unit. Only two units' worth of pinned memory is held at a time (a whole result pinned would be
+    locked memory, rounded up to a power of two and kept by PyTorch's pinned-memory cache for the life
+    of the process).
+    """
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        self.outputs = outputs
+        self.slots: list[tuple | None] = [None, None]
+        self.turn = 0
+        self.lock = threading.Lock()  # one stream of work per GPU by default, but workers may share it
+
+    def put(self, start: int, stop: int, *tensors: torch.Tensor) -> None:
+        with self.lock:
+            self._drain(self.turn)
+            staged = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                      for t in tensors]
+            event = torch.cuda.Event()
+            event.record()  # on the current stream, behind the copies
+            self.slots[self.turn] = (start, stop, staged, event)
+            self.turn ^= 1
+
+    def finish(self) -> None:
+        with self.lock:
+            for i in (self.turn, self.turn ^ 1):  # the older unit first
+                self._drain(i)
+
+    def _drain(self, i: int) -> None:
+        if self.slots[i] is None:
+            return
+        start, stop, staged, event = self.slots[i]
+        event.synchronize()
+        for out, t in zip(self.outputs, staged):
+            out[start:stop] = t
+        self.slots[i] = None

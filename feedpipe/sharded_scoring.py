@@ -81,13 +81,14 @@ def score_rank_part(
     exclude: pl.DataFrame | None = None,
     unavailable: pl.Series | None = None,
     dtype: torch.dtype = torch.float32,
+    rerank: bool = False,
 ) -> tuple[int, int]:
     """Score this rank's customers and write its part; returns (customers, pairs) it scored."""
     device = next(trained.model.parameters()).device
     tile, unit = default_pairs_per_tile(device, dtype), default_pairs_per_unit(device)  # what the scorer will use
     mine = rank_customers(customers, products, group, unavailable, tile, unit)
     ranking = model_ranking(trained, mine, products, top_n=top_n, exclude=exclude, unavailable=unavailable,
-                            dtype=dtype, pairs_per_tile=tile)
+                            dtype=dtype, rerank=rerank, pairs_per_tile=tile)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
     tmp = part_path(parts_dir, group.rank).with_suffix(".tmp")
     ranking.write_parquet(tmp)

@@ -284,11 +284,14 @@ class _EpochLosses:
 
     Reading each loss as it comes (`loss.item()`) makes the CPU wait for the GPU every step, so its
     launches of the next step never overlap the current one. A non-finite loss is still caught within
-    LOSS_GROUP steps, and training stops before the model is evaluated or saved.
+    LOSS_GROUP steps, and training stops before the model is evaluated or saved. `agree` sums a value
+    over the ranks (`parallel.sum`): every rank checks at the same batch counts, so when one rank's loss
+    goes bad all of them stop together instead of the others waiting in the next collective.
     """
 
-    def __init__(self, epoch: int, learning_rate: float, curve: list[float]) -> None:
+    def __init__(self, epoch: int, learning_rate: float, curve: list[float], agree=None) -> None:
         self.epoch, self.learning_rate, self.curve = epoch, learning_rate, curve
+        self.agree = agree or (lambda *values: values)
         self.pending: list[tuple[torch.Tensor, int]] = []
         self.total, self.count, self.batches = 0.0, 0, 0
 
@@ -301,12 +304,13 @@ class _EpochLosses:
         if not self.pending:
             return
         values = torch.stack([loss for loss, _ in self.pending]).tolist()
-        for i, v in enumerate(values):
-            if not math.isfinite(v):
-                raise TrainingDiverged(
-                    f"training loss became {v} at epoch {self.epoch}, batch {self.batches + i}; "
-                    f"lower the learning rate (now {self.learning_rate}) or check the input features"
-                )
+        bad = next(((i, v) for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if self.agree(float(bad is not None))[0] > 0:
+            where = (f"training loss became {bad[1]} at epoch {self.epoch}, batch {self.batches + bad[0]}"
+                     if bad is not None else f"training loss became non-finite on another rank at epoch {self.epoch}")
+            raise TrainingDiverged(
+                f"{where}; lower the learning rate (now {self.learning_rate}) or check the input features"
+            )
         self.total += sum(v * n for v, (_, n) in zip(values, self.pending))
         self.count += sum(n for _, n in self.pending)
         self.batches += len(values)
@@ -349,7 +353,7 @@ def _train(train, valid, shape, config, device, log, parallel) -> TrainResult:
     for epoch in range(config.epochs):
         model.train()
         t0 = time.perf_counter()
-        losses = _EpochLosses(epoch, config.learning_rate, loss_curve)
+        losses = _EpochLosses(epoch, config.learning_rate, loss_curve, agree=parallel.sum)
         for rows in parallel.batches(train.num_rows, config.batch_size, generator):
             rows = rows.to(device)
             logits = parallel.forward(model, prepared, rows)

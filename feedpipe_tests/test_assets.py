@@ -120,12 +120,17 @@ def test_model_evaluation_compares_every_ranker_and_gates_on_popularity(env):
 
 
 def test_pair_scores_keep_top_n_and_exclude_past_purchases(env):
+    """In bf16 re-ranked in fp32: the fast precision, and the one whose ranking pair_scores checks against fp32."""
     run, load, *_ = env
-    run(MODEL + ["model_evaluation", "pair_scores"],
-        run_config={**FAST_TRAINING, "ops": {**FAST_TRAINING["ops"], "pair_scores": {"config": {"top_n": 10}}}})
+    scoring = {"config": {"top_n": 10, "dtype": "bf16-rerank"}}
+    result = run(MODEL + ["model_evaluation", "pair_scores"],
+                 run_config={**FAST_TRAINING, "ops": {**FAST_TRAINING["ops"], "pair_scores": scoring}})
     scores, tx = load("pair_scores"), load("transactions")
     assert scores.group_by("customer_id").agg(pl.len()).get_column("len").max() == 10
     assert scores.join(tx.select("customer_id", "product_id").unique(), on=["customer_id", "product_id"], how="semi").is_empty()
+    meta = _materialization(result, "pair_scores").metadata
+    assert meta["dtype"].value == "bf16-rerank"
+    assert meta["top20_overlap_bf16-rerank_vs_fp32"].value >= 0.99
 
 
 def test_the_whole_graph_publishes_k_rows_per_customer(env):

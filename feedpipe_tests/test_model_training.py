@@ -96,6 +96,17 @@ def test_batch_losses_are_checked_in_groups_and_name_the_first_bad_batch():
         losses.check()
 
 
+def test_a_non_finite_loss_on_another_rank_stops_this_one_too():
+    other_rank_diverged = _EpochLosses(epoch=0, learning_rate=0.1, curve=[], agree=lambda flag: (flag + 1.0,))
+    other_rank_diverged.add(torch.tensor(0.5), rows=4)
+    with pytest.raises(TrainingDiverged, match="non-finite on another rank at epoch 0"):
+        other_rank_diverged.check()
+    all_fine = _EpochLosses(epoch=0, learning_rate=0.1, curve=[], agree=lambda flag: (flag + 0.0,))
+    all_fine.add(torch.tensor(0.5), rows=4)
+    all_fine.check()
+    assert all_fine.count == 4
+
+
 def test_checkpoint_round_trip_reproduces_the_logits(data, tmp_path):
     _, _, vocab, examples = data
     train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)

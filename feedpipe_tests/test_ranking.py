@@ -47,3 +47,13 @@ def test_top_k_overlap_of_fp32_with_itself_is_one_and_bf16_is_close(trained):
     model, customers, products = trained
     assert top_k_overlap(model, customers, products, dtype=torch.float32, k=5) == 1.0
     assert 0.5 <= top_k_overlap(model, customers, products, k=5) <= 1.0
+
+
+def test_bf16_reranked_in_fp32_ranks_like_fp32(trained):
+    from feedpipe.ranking import top_k_overlap
+
+    model, customers, products = trained
+    fp32 = model_ranking(model, customers, products, top_n=5)
+    reranked = model_ranking(model, customers, products, top_n=5, dtype=torch.bfloat16, rerank=True)
+    assert reranked.select("customer_id", "product_id", "rank").equals(fp32.select("customer_id", "product_id", "rank"))
+    assert top_k_overlap(model, customers, products, rerank=True, k=5) == 1.0

@@ -129,6 +129,40 @@ def test_bf16_ranks_nearly_like_fp32():
     assert not (top.product_rows == 1).any()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bf16_candidates_reranked_in_fp32_give_the_fp32_top_n(workers):
+    """A model whose bf16 ranking differs from fp32's: the re-ranked result is fp32's, exclusions included."""
+    model, customers, products = _random_case(13, 100, 400, 2, 1, over_arch=(64, 32, 1))
+    rng = np.random.default_rng(3)
+    excluded = [(int(c), int(p)) for c in range(0, 100, 3) for p in rng.choice(400, 30, replace=False)]
+    ex = Exclusions.from_pairs(np.array([c for c, _ in excluded]), np.array([p for _, p in excluded]), 100)
+    unavailable = torch.tensor([2, 50, 399])
+    kw = dict(top_n=20, exclusions=ex, unavailable=unavailable, pairs_per_tile=1000, pairs_per_unit=9000,
+              workers=workers)
+    fp32 = score_all_pairs(model, customers, products, **kw)
+    bf16 = score_all_pairs(model, customers, products, dtype=torch.bfloat16, **kw)
+    reranked = score_all_pairs(model, customers, products, dtype=torch.bfloat16, rerank=True, **kw)
+    assert not torch.equal(bf16.product_rows, fp32.product_rows)  # else this test would show nothing
+    assert torch.equal(reranked.product_rows, fp32.product_rows)
+    assert (reranked.scores - fp32.scores).abs().max().item() <= 1e-5
+
+
+def test_rerank_keeps_excluded_products_out_when_few_are_allowed():
+    model, customers, products = _random_case(5, 3, 6, 1, 1)
+    ex = Exclusions.from_pairs(np.array([1, 1, 1]), np.array([0, 2, 4]), 3)
+    top = score_all_pairs(model, customers, products, top_n=5, exclusions=ex, unavailable=torch.tensor([5]),
+                          dtype=torch.bfloat16, rerank=True)
+    assert (top.product_rows[1, 2:] == -1).all() and top.scores[1, 2:].isnan().all()
+    assert sorted(top.product_rows[1, :2].tolist()) == [1, 3]
+
+
+def test_precision_names_map_to_dtype_and_rerank():
+    assert scoring.precision("bf16-rerank") == scoring.Precision(torch.bfloat16, rerank=True)
+    assert scoring.precision("fp32").dtype == torch.float32 and not scoring.precision("fp32").rerank
+    with pytest.raises(ValueError, match="bf16-rerank"):
+        scoring.precision("fp16")
+
+
 def test_chunked_top_k_equals_torch_topk_including_rows_with_few_finite_values():
     g = torch.Generator().manual_seed(0)
     for p in (997, 1000, 30):  # a partial last chunk, whole chunks, too few chunks to bother
@@ -149,22 +183,25 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_on_cuda_every_pair_logit_equals_the_forward_pass_and_top_n_matches_the_cpu():
     """The GPU path (cuBLASLt's fused bias+ReLU, torch.topk, device exclusions) against the forward and the CPU."""
     torch.backends.cuda.matmul.allow_tf32 = False  # exactness is asked of fp32, not of TF32
-    model, customers, products = _random_case(17, 70, 130, 2, 1)
+    model, customers, products = _random_case(17, 71, 130, 2, 1)
     rng = np.random.default_rng(1)
-    excluded = [(int(c), int(p)) for c in range(0, 70, 2) for p in rng.choice(130, 9, replace=False)]
-    ex = Exclusions.from_pairs(np.array([c for c, _ in excluded]), np.array([p for _, p in excluded]), 70)
+    excluded = [(int(c), int(p)) for c in range(0, 71, 2) for p in rng.choice(130, 9, replace=False)]
+    ex = Exclusions.from_pairs(np.array([c for c, _ in excluded]), np.array([p for _, p in excluded]), 71)
     unavailable = torch.tensor([3, 77])
     cpu = score_all_pairs(model, customers, products, top_n=12, exclusions=ex, unavailable=unavailable)
     gpu_model, gc, gp = model.to("cuda"), customers.to("cuda"), products.to("cuda")
     ref = _all_pairs_forward(gpu_model, gc, gp)
-    got = pair_logits(gpu_model, gc, gp, torch.arange(70, device="cuda"), pairs_per_tile=256)
-    assert (got - ref).abs().max().item() <= 1e-5
-    # small tiles and units: several units, product chunks, a partial last tile
-    top = score_all_pairs(gpu_model, gc, gp, top_n=12, exclusions=ex, unavailable=unavailable,
-                          pairs_per_tile=300, pairs_per_unit=2000)
-    assert top.product_rows.device.type == "cpu"
-    assert torch.equal(top.product_rows, cpu.product_rows)
-    assert (top.scores - cpu.scores).abs().max().item() <= 1e-5
+    for tile in (256, 100):  # several customers per tile; one customer against product chunks of 100 and 30
+        got = pair_logits(gpu_model, gc, gp, torch.arange(71, device="cuda"), pairs_per_tile=tile)
+        assert (got - ref).abs().max().item() <= 1e-5
+    # 300-pair tiles are 2 customers x 128 products, 100-pair tiles product chunks; 2000-pair units are
+    # 14 or 15 customers, so there are several units, three of them in flight in HostCopies, and a partial tile
+    for tile in (300, 100):
+        top = score_all_pairs(gpu_model, gc, gp, top_n=12, exclusions=ex, unavailable=unavailable,
+                              pairs_per_tile=tile, pairs_per_unit=2000)
+        assert top.product_rows.device.type == "cpu"
+        assert torch.equal(top.product_rows, cpu.product_rows)
+        assert (top.scores - cpu.scores).abs().max().item() <= 1e-5
 
 
 @needs_cuda
@@ -176,3 +213,6 @@ def test_on_cuda_bf16_ranks_nearly_like_fp32():
     bf16 = pair_logits(model, customers, products, rows, dtype=torch.bfloat16)
     a, b = torch.topk(fp32, 20, dim=1).indices, torch.topk(bf16, 20, dim=1).indices
     assert (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).float().mean().item() >= 0.95
+    exact = score_all_pairs(model, customers, products, top_n=20)
+    reranked = score_all_pairs(model, customers, products, top_n=20, dtype=torch.bfloat16, rerank=True)
+    assert torch.equal(reranked.product_rows, exact.product_rows)
