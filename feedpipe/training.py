@@ -426,6 +426,11 @@ class TrainedModel:
         }
         (directory / "model.json").write_text(json.dumps(meta, indent=2, default=str))
 
+    def to(self, device: torch.device | str) -> "TrainedModel":
+        """The same model on `device` (moved in place, as nn.Module.to does); returns self."""
+        self.model.to(torch.device(device))
+        return self
+
     @classmethod
     def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> "TrainedModel":
         directory = Path(directory)

@@ -129,7 +129,7 @@ def test_pair_scores_keep_top_n_and_exclude_past_purchases(env):
     assert scores.group_by("customer_id").agg(pl.len()).get_column("len").max() == 10
     assert scores.join(tx.select("customer_id", "product_id").unique(), on=["customer_id", "product_id"], how="semi").is_empty()
     meta = _materialization(result, "pair_scores").metadata
-    assert meta["dtype"].value == "bf16-rerank"
+    assert meta["dtype"].value == "bf16-rerank" and meta["device"].value == "cpu"  # compute: auto, no GPU here
     assert meta["top20_overlap_bf16-rerank_vs_fp32"].value >= 0.99
 
 

@@ -10,7 +10,7 @@ from feedpipe.defs.ingest import feed_date_of
 from feedpipe.defs.launchers import GPU_STEP_TAGS, LauncherResource
 from feedpipe.defs.metadata import frame_metadata
 from feedpipe.defs.partitions import feed_date_partitions
-from feedpipe.defs.resources import DatabaseResource
+from feedpipe.defs.resources import ComputeResource, DatabaseResource
 from feedpipe.publishing import FeedArrays, publish_feed
 from feedpipe.ranking import RANK, SCORE, model_ranking, top_k_overlap
 from feedpipe.scoring import precision
@@ -55,12 +55,16 @@ def pair_scores(
     context: dg.AssetExecutionContext,
     config: ScoringConfig,
     launcher: LauncherResource,
+    compute: ComputeResource,
     dlrm_model: TrainedModel,
     customers: pl.DataFrame,
     products: pl.DataFrame,
     transactions: pl.DataFrame,
 ):
-    """The model's top N products per customer over ALL products, past purchases excluded (configurable)."""
+    """The model's top N products per customer over ALL products, past purchases excluded (configurable).
+
+    In process it scores on the compute resource's device (a GPU when there is one, under `auto`).
+    """
     window = Window.for_feed_date(feed_date_of(context), ExampleConfig(window_days=config.exclude_window_days))
     in_window = window_transactions(transactions, window)
     exclude = purchased_pairs(in_window) if config.exclude_purchased else None
@@ -69,7 +73,9 @@ def pair_scores(
     except ValueError as e:
         raise dg.Failure(str(e)) from None
     timings: dict[str, float] = {}
+    device = compute.torch_device() if launcher.in_process else None
     if launcher.in_process:
+        dlrm_model = dlrm_model.to(device)  # the IO manager loads it on the CPU
         scores = model_ranking(
             dlrm_model, customers, products, top_n=config.top_n, exclude=exclude, dtype=chosen.dtype,
             rerank=chosen.rerank, timings=timings,
@@ -101,6 +107,7 @@ def pair_scores(
             pairs_per_s=round(pairs / max(timings["scoring_s"], 1e-9)),
             **{k.removesuffix("_s") + "_seconds": round(v, 2) for k, v in timings.items()},
             dtype=config.dtype,
+            device=str(device) if device is not None else "launcher ranks",
             **fidelity,
             ranks=ranks,
             model_version=dlrm_model.version,
