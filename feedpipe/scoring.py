@@ -48,6 +48,7 @@ from feedpipe.model import TwoSidedDLRM
 from feedpipe.scoring_runtime import (
     HostCopies,
     default_workers,
+    flush_denormals,
     keep_freed_memory_mapped,
     linear,
     onednn_available,
@@ -412,7 +413,7 @@ def score_all_pairs(
     pairs_per_unit = pairs_per_unit or default_pairs_per_unit(device)
     if device.type == "cpu":
         keep_freed_memory_mapped()
-    with single_threaded_kernels(workers > 1):
+    with single_threaded_kernels(workers > 1), flush_denormals():
         return _score_all_pairs(
             model, customers, products, top_n, exclusions, unavailable, dtype, customer_rows, pairs_per_tile,
             pairs_per_unit, workers, plan, rerank,
@@ -477,7 +478,7 @@ def pair_logits(
     One thread on CPU: a check should not wait on OpenMP barriers while other jobs hold a core.
     """
     device = next(model.parameters()).device
-    with single_threaded_kernels(device.type == "cpu"):
+    with single_threaded_kernels(device.type == "cpu"), flush_denormals():
         plan = plan_scoring(model, products, dtype=dtype)
         bias, v_flat = customer_factors(plan, customers, customer_rows)
         tile = pairs_per_tile or default_pairs_per_tile(plan.e.device, dtype)

@@ -74,6 +74,30 @@ def single_threaded_kernels(enabled: bool = True):
     return intra_op_threads(1 if enabled else 0)
 
 
+def denormals_flushed() -> bool:
+    """Whether this thread reads and writes denormal floats as zero (x86 DAZ reads 1e-39 as 0)."""
+    return float(torch.tensor([1e-39]) * 1.0) == 0.0
+
+
+@contextmanager
+def flush_denormals():
+    """Denormal floats read and written as zero (x86 FTZ/DAZ) on this thread, and the threads it
+    starts, for the block; the previous setting after.
+
+    A trained model's never-seen embedding rows (padding, null, out-of-vocabulary) decay under weight
+    decay to ~1e-39, below float32's normal range, and every multiply that meets one takes a microcode
+    assist. Products with a null brand or customers with a null region carry such values into the
+    matrix products: fp32 scoring of the trained demo model with random tables ran at 0.72M pairs/s
+    on one core instead of 3.2M. Zeroing them moves a logit by less than 1e-37.
+    """
+    was = denormals_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was)
+
+
 def run_units(units: list[tuple[int, int]], work, workers: int) -> None:
     """Call work(start, stop) for every unit: inline when workers <= 1, else on `workers` threads
     that take the next unit when done with one (call it under `single_threaded_kernels`)."""
@@ -83,9 +107,11 @@ def run_units(units: list[tuple[int, int]], work, workers: int) -> None:
                 work(start, stop)
         return
     lock, queue = threading.Lock(), list(reversed(units))
+    flush = denormals_flushed()
 
     def worker() -> None:
         torch.set_num_threads(1)  # OpenMP's thread count is per OS thread
+        torch.set_flush_denormal(flush)  # and so is the FPU's denormal mode (pool threads may predate it)
         with torch.inference_mode():  # and so is grad mode
             while True:
                 with lock:

@@ -216,3 +216,28 @@ def test_on_cuda_bf16_ranks_nearly_like_fp32():
     exact = score_all_pairs(model, customers, products, top_n=20)
     reranked = score_all_pairs(model, customers, products, top_n=20, dtype=torch.bfloat16, rerank=True)
     assert torch.equal(reranked.product_rows, exact.product_rows)
+
+
+def test_worker_threads_flush_denormals_inside_the_block_and_not_after():
+    from feedpipe.scoring_runtime import denormals_flushed, flush_denormals, run_units
+
+    seen = []
+    with flush_denormals():
+        run_units([(0, 1), (1, 2), (2, 3), (3, 4)], lambda start, stop: seen.append(denormals_flushed()), workers=2)
+    assert seen == [True] * 4
+    assert not denormals_flushed()
+    run_units([(0, 1), (1, 2)], lambda start, stop: seen.append(denormals_flushed()), workers=2)
+    assert seen[4:] == [False, False]
+
+
+def test_a_model_with_denormal_embedding_rows_scores_exactly():
+    """Never-seen rows decay to ~1e-39 in training; the scorer flushes them to zero, which moves no logit."""
+    model, customers, products = _random_case(8, 30, 60, 2, 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embedding_bags" in name:
+                p[:3] = 1e-39  # the padding, null and OOV rows of a trained model
+    customers.sparse["c.seg"][0][:10] = 1  # some customers and products use those rows
+    products.sparse["p.brand"][0][:10] = 2
+    got = pair_logits(model, customers, products, torch.arange(30))
+    assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
