@@ -76,13 +76,17 @@ def single_threaded_kernels(enabled: bool = True):
 
 def denormals_flushed() -> bool:
     """Whether this thread reads and writes denormal floats as zero (x86 DAZ reads 1e-39 as 0)."""
-    return float(torch.tensor([1e-39]) * 1.0) == 0.0
+    return float(torch.tensor([1e-39], dtype=torch.float32) * 1.0) == 0.0
 
 
 @contextmanager
 def flush_denormals():
-    """Denormal floats read and written as zero (x86 FTZ/DAZ) on this thread, and the threads it
-    starts, for the block; the previous setting after.
+    """Denormal floats read and written as zero (x86 FTZ/DAZ) for the block, on this thread and the
+    worker threads `run_units` starts; the previous setting after.
+
+    Only when this thread runs its kernels on one thread (`torch.get_num_threads() == 1`, as under
+    `single_threaded_kernels`): the mode is per thread and copied by threads a thread starts, so an
+    OpenMP pool first started inside the block would keep it for the life of the process.
 
     A trained model's never-seen embedding rows (padding, null, out-of-vocabulary) decay under weight
     decay to ~1e-39, below float32's normal range, and every multiply that meets one takes a microcode
@@ -90,6 +94,9 @@ def flush_denormals():
     matrix products: fp32 scoring of the trained demo model with random tables ran at 0.72M pairs/s
     on one core instead of 3.2M. Zeroing them moves a logit by less than 1e-37.
     """
+    if torch.get_num_threads() != 1:
+        yield
+        return
     was = denormals_flushed()
     torch.set_flush_denormal(True)
     try:
@@ -111,7 +118,7 @@ def run_units(units: list[tuple[int, int]], work, workers: int) -> None:
 
     def worker() -> None:
         torch.set_num_threads(1)  # OpenMP's thread count is per OS thread
-        torch.set_flush_denormal(flush)  # and so is the FPU's denormal mode (pool threads may predate it)
+        torch.set_flush_denormal(flush)  # and so is the FPU's denormal mode (said, not left to inheritance)
         with torch.inference_mode():  # and so is grad mode
             while True:
                 with lock:
@@ -152,7 +159,7 @@ class HostCopies:
             staged = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                       for t in tensors]
             event = torch.cuda.Event()
-            event.record()  # on the current stream, behind the copies
+            event.record(torch.cuda.current_stream(tensors[0].device))  # behind the copies, on their device
             self.slots[self.turn] = (start, stop, staged, event)
             self.turn ^= 1
 

@@ -66,3 +66,22 @@ def test_two_rank_scoring_merges_to_the_one_process_ranking_row_for_row(scoring_
     assert summary["ranks"] == 2 and summary["pairs_scored"] == customers.height * products.height
     assert summary["rows"] == expected.height and len(summary["rank_seconds"]) == 2
     assert not (d / "ranking.parts").exists() or not any((d / "ranking.parts").iterdir())
+
+
+def test_bf16_rerank_split_at_rank_ranges_equals_one_process(scoring_inputs):
+    """What each rank computes with bf16-rerank (its range at the bf16 tile), concatenated, is the one-process frame."""
+    import torch
+
+    from feedpipe.scoring import default_pairs_per_tile
+
+    _, paths, trained, customers, exclude = scoring_inputs
+    products = pl.read_parquet(paths["products"])
+    tile = default_pairs_per_tile(torch.device("cpu"), torch.bfloat16)
+    kw = dict(top_n=25, exclude=exclude, dtype=torch.bfloat16, rerank=True)
+    expected = model_ranking(trained, customers, products, **kw)
+    parts = []
+    for rank in range(3):
+        start, stop = customer_range(customers.height, products.height, 3, rank, tile)
+        parts.append(model_ranking(trained, customers.slice(start, stop - start), products, **kw))
+    assert sum(p.height > 0 for p in parts) >= 2  # the split happened
+    assert pl.concat(parts).equals(expected)

@@ -219,19 +219,24 @@ def test_on_cuda_bf16_ranks_nearly_like_fp32():
 
 
 def test_worker_threads_flush_denormals_inside_the_block_and_not_after():
-    from feedpipe.scoring_runtime import denormals_flushed, flush_denormals, run_units
+    from feedpipe.scoring_runtime import denormals_flushed, flush_denormals, run_units, single_threaded_kernels
 
     seen = []
-    with flush_denormals():
+    with single_threaded_kernels(), flush_denormals():
         run_units([(0, 1), (1, 2), (2, 3), (3, 4)], lambda start, stop: seen.append(denormals_flushed()), workers=2)
     assert seen == [True] * 4
     assert not denormals_flushed()
     run_units([(0, 1), (1, 2)], lambda start, stop: seen.append(denormals_flushed()), workers=2)
     assert seen[4:] == [False, False]
+    if torch.get_num_threads() > 1:  # kernels on an OpenMP pool: left alone (see the next tests)
+        with flush_denormals():
+            assert not denormals_flushed()
 
 
-def test_a_model_with_denormal_embedding_rows_scores_exactly():
+def test_a_model_with_denormal_embedding_rows_scores_exactly_with_denormals_flushed(monkeypatch):
     """Never-seen rows decay to ~1e-39 in training; the scorer flushes them to zero, which moves no logit."""
+    from feedpipe.scoring_runtime import denormals_flushed
+
     model, customers, products = _random_case(8, 30, 60, 2, 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -239,5 +244,30 @@ def test_a_model_with_denormal_embedding_rows_scores_exactly():
                 p[:3] = 1e-39  # the padding, null and OOV rows of a trained model
     customers.sparse["c.seg"][0][:10] = 1  # some customers and products use those rows
     products.sparse["p.brand"][0][:10] = 2
+    modes, factors = [], scoring.customer_factors
+    monkeypatch.setattr(scoring, "customer_factors", lambda *a: modes.append(denormals_flushed()) or factors(*a))
+    top = score_all_pairs(model, customers, products, top_n=60, pairs_per_tile=200, pairs_per_unit=600, workers=2)
+    assert modes and all(modes)  # every unit, in both worker threads
+    ref = _all_pairs_forward(model, customers, products)
+    assert (torch.gather(ref, 1, top.product_rows) - torch.logit(top.scores.double()).float()).abs().max() <= 1e-4
     got = pair_logits(model, customers, products, torch.arange(30))
-    assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert not denormals_flushed()
+
+
+def test_flushing_never_reaches_threads_that_outlive_the_block():
+    """An OpenMP pool first started inside the block would keep flushing for the life of the process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from feedpipe.scoring_runtime import flush_denormals\n"
+        "torch.set_num_threads(2)\n"
+        "with flush_denormals():\n"
+        "    torch.ones(1 << 22).mul_(2.0)\n"  # the first multi-threaded op starts the pool
+        "x = torch.full((1 << 22,), 1e-39) * 1.0\n"
+        "print(int((x == 0).sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "0"
