@@ -99,6 +99,13 @@ def test_a_customer_with_fewer_allowed_products_than_n_gets_empty_slots():
     assert (top.product_rows[0] >= 0).all()
 
 
+def test_every_product_unavailable_gives_empty_rankings_not_an_error():
+    model, customers, products = _random_case(1, 5, 4, 1, 1)
+    for kw in ({}, {"dtype": torch.bfloat16, "rerank": True}):
+        top = score_all_pairs(model, customers, products, top_n=3, unavailable=torch.arange(4), **kw)
+        assert top.product_rows.shape == (5, 0) and top.scores.shape == (5, 0)
+
+
 def test_customer_rows_select_and_order_the_scored_customers():
     model, customers, products = _random_case(2, 20, 30, 2, 1)
     rows = torch.tensor([7, 3, 19])
