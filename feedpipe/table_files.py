@@ -204,14 +204,47 @@ def _read_csv(stored: StoredTable, schema: pl.Schema, columns: list[str], use_th
     # pyarrow rather than polars for CSV: polars pads a row with too few fields with nulls, so a file cut off mid-row
     # loads silently; pyarrow reports such rows. Cells are read as bytes so that one cell that is not UTF-8 is a
     # rejected row rather than an unreadable file.
-    invalid: list[pacsv.InvalidRow] = []
+    try:
+        table, invalid = _parse_csv(stored.path, schema, columns, use_threads)
+    except pa.ArrowInvalid:
+        # pyarrow decodes a malformed row's text as UTF-8 before handing it to the handler; when that fails it
+        # raises a bare "Expected 3 columns, got 2" without the line. The same bytes read as Latin-1 (one
+        # character per byte: the same delimiters, quotes and newlines) have the same malformed lines, and say which.
+        transcoded = pa.BufferReader(stored.path.read_bytes().decode("latin-1").encode("utf-8"))
+        _, invalid = _parse_csv(transcoded, schema, columns, use_threads=False)
+        if not invalid:
+            raise
+        for row in invalid:
+            row.text = row.text.encode("latin-1").decode("utf-8", "backslashreplace")
+        use_threads = False
+    if invalid:
+        if use_threads:  # a threaded read does not know row numbers; only the error path pays for a serial reread
+            return _read_csv(stored, schema, columns, use_threads=False)
+        shown = "\n".join(f"  line {r.number}: {r.actual_columns} fields: {r.text!r}" for r in invalid[:MAX_ROWS_SHOWN])
+        more = f"\n  ... and {len(invalid) - MAX_ROWS_SHOWN} more" if len(invalid) > MAX_ROWS_SHOWN else ""
+        raise InputError(
+            f"{stored}: {len(invalid)} line(s) do not have the header's {len(schema)} fields "
+            f"(a truncated file, a value with an unquoted comma, or a delimiter other than the comma):\n{shown}{more}"
+        )
+    return table
+
+
+@dataclass
+class _MalformedRow:
+    number: int
+    actual_columns: int
+    text: str
+
+
+def _parse_csv(source, schema: pl.Schema, columns: list[str], use_threads: bool) -> tuple[pa.Table, list[_MalformedRow]]:
+    invalid: list[_MalformedRow] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        invalid.append(row)
+        invalid.append(_MalformedRow(row.number, row.actual_columns, row.text))
         return "skip"
 
     table = pacsv.read_csv(
-        stored.path,
+        source,
         read_options=pacsv.ReadOptions(use_threads=use_threads),
         parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
         convert_options=pacsv.ConvertOptions(
@@ -221,18 +254,7 @@ def _read_csv(stored: StoredTable, schema: pl.Schema, columns: list[str], use_th
             quoted_strings_can_be_null=False,
         ),
     )
-    if invalid:
-        if use_threads:  # a threaded read does not know row numbers; only the error path pays for a serial reread
-            return _read_csv(stored, schema, columns, use_threads=False)
-        shown = "\n".join(
-            f"  line {r.number}: {r.actual_columns} fields: {r.text!r}" for r in invalid[:MAX_ROWS_SHOWN]
-        )
-        more = f"\n  ... and {len(invalid) - MAX_ROWS_SHOWN} more" if len(invalid) > MAX_ROWS_SHOWN else ""
-        raise InputError(
-            f"{stored}: {len(invalid)} line(s) do not have the header's {len(schema)} fields "
-            f"(a truncated file, a value with an unquoted comma, or a delimiter other than the comma):\n{shown}{more}"
-        )
-    return table
+    return table, invalid
 
 
 def _expected_format(stored: StoredTable) -> str:
