@@ -72,6 +72,7 @@ run() {
   else
     step score_bf16 75 $bench --dtype bf16 --repeats 5
     step score_fp32 75 $bench --dtype fp32 --repeats 5
+    step score_bf16_rerank 75 $bench --dtype bf16-rerank --repeats 5
     step train_cuda 180 python3 benchmarks/training.py --device cuda --rows 400000 --repeats 2
     [ "$what" = quick ] && { say "done in ${SECONDS}s"; return 0; }
     step score_bf16_100kx10k 90 $bench --dtype bf16 --repeats 3 --customers 100000 --products 10000 --check-customers 200

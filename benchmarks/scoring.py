@@ -314,7 +314,7 @@ def asset_against_projection(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32",
-                    help="bf16-rerank: bf16, each customer's best 2N re-scored in fp32 (the roofline stays bf16's)")
+                    help="bf16-rerank: bf16, each customer's best 1.5N re-scored in fp32 (the roofline stays bf16's)")
     ap.add_argument("--customers", type=int, default=10_000)
     ap.add_argument("--products", type=int, default=2_000)
     ap.add_argument("--top-n", type=int, default=100, help="as pair_scores keeps (ScoringConfig.top_n)")
