@@ -210,7 +210,9 @@ def _read_csv(stored: StoredTable, schema: pl.Schema, columns: list[str], use_th
         # pyarrow decodes a malformed row's text as UTF-8 before handing it to the handler; when that fails it
         # raises a bare "Expected 3 columns, got 2" without the line. The same bytes read as Latin-1 (one
         # character per byte: the same delimiters, quotes and newlines) have the same malformed lines, and say which.
-        transcoded = pa.BufferReader(stored.path.read_bytes().decode("latin-1").encode("utf-8"))
+        # pyarrow skips a UTF-8 BOM; transcoded, it would become part of the first column's name.
+        data = stored.path.read_bytes().removeprefix(codecs.BOM_UTF8)
+        transcoded = pa.BufferReader(data.decode("latin-1").encode("utf-8"))
         _, invalid = _parse_csv(transcoded, schema, columns, use_threads=False)
         if not invalid:
             raise

@@ -64,6 +64,10 @@ CASTS = {"str": pl.Utf8, "float": pl.Float64, "int": pl.Int64, "bool": pl.Boolea
 
 def set_cell(frame: pl.DataFrame, row: int, column: str, value) -> pl.DataFrame:
     series = frame.get_column(column)
+    if isinstance(series.dtype, pl.List):  # a column cast to lists earlier: polars cannot scatter into it
+        values = series.to_list()
+        values[row] = None if value is None else [str(value)]
+        return frame.with_columns(pl.Series(column, values, dtype=pl.List(pl.Utf8)))
     if value is not None and pl.Series([value]).dtype != series.dtype:
         series, value = series.cast(pl.Utf8), str(value)
     return frame.with_columns(series.clone().scatter(row, value))

@@ -298,9 +298,11 @@ def test_csv_cut_off_mid_row_names_the_file_and_line(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow's own, on its first try
-def test_a_short_line_with_bytes_that_are_not_utf8_is_named_by_line_too(tmp_path):
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_short_line_with_bytes_that_are_not_utf8_is_named_by_line_too(tmp_path, bom):
     """pyarrow cannot hand such a line to its row handler (it decodes the text first); the message still names it."""
-    (tmp_path / "transactions.csv").write_bytes(b"customer_id,product_id,ts\nc,p,2024-01-01\nc,p\xe3\nc,p,2024-01-02\n")
+    data = b"customer_id,product_id,ts\nc,p,2024-01-01\nc,p\xe3\nc,p,2024-01-02\n"
+    (tmp_path / "transactions.csv").write_bytes(bom + data)
 
     with pytest.raises(InputError, match=r"transactions\.csv: 1 line\(s\) do not have the header's 3 fields") as err:
         read_transactions(tmp_path)
