@@ -344,7 +344,8 @@ def main() -> None:
         print(json.dumps(rss_probe(args)))
         return
 
-    dtype, rerank = precision(args.dtype).dtype, precision(args.dtype).rerank
+    chosen = precision(args.dtype)
+    dtype, rerank = chosen.dtype, chosen.rerank
     device = torch.device(args.device)
     on_cpu = device.type == "cpu"
     args.pairs_per_tile = args.pairs_per_tile or default_pairs_per_tile(device, dtype)

@@ -38,7 +38,7 @@ The CPU kernels, worker threads and allocator settings live in `scoring_runtime.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -200,6 +200,20 @@ class ScoringPlan:
     def k_dim(self) -> int:
         return int(self.e.shape[1])
 
+    def cast(self, dtype: torch.dtype) -> "ScoringPlan":
+        """The plan with its matrices in `dtype`. Plans are built in fp32, so this is what planning in
+        `dtype` gives, and an fp32 plan and its bf16 cast share the product-side work."""
+        if dtype == self.dtype:
+            return self
+
+        def c(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype).contiguous()
+
+        return replace(
+            self, e=c(self.e), w_x_rows=c(self.w_x_rows), u_fold=None if self.u_fold is None else c(self.u_fold),
+            w_pp=c(self.w_pp), middle=[(c(w), c(b)) for w, b in self.middle], last_w=c(self.last_w), dtype=dtype,
+        )
+
 
 def k_alignment(device: torch.device) -> int:
     """Columns K' is padded to a multiple of: cuBLAS's tensor-core kernels want rows in 16-byte
@@ -241,25 +255,25 @@ def plan_scoring(
     h = f.b1.shape[0]
     fc, fp = f.w_x.shape[1], f.w_x.shape[2]
     # The product's dense output is v_p0, E's first D-block, so W_pd adds to U's first block only.
-    u_fold = f.w_pd.to(dtype).contiguous() if f.w_pd is not None else None
+    u_fold = f.w_pd.contiguous() if f.w_pd is not None else None
 
-    rest = [(lin.weight.detach().to(dtype).contiguous(), lin.bias.detach().to(dtype).contiguous()) for lin in f.rest]
+    rest = [(lin.weight.detach().contiguous(), lin.bias.detach().contiguous()) for lin in f.rest]
     return ScoringPlan(
         model=model,
         factored=f,
-        e=e.to(dtype).contiguous(),
+        e=e.contiguous(),
         product_rows=product_rows,
         column_of_row=column_of_row,
-        w_x_rows=f.w_x.permute(0, 2, 1).reshape(h * fp, fc).to(dtype).contiguous(),
+        w_x_rows=f.w_x.permute(0, 2, 1).reshape(h * fp, fc).contiguous(),
         u_fold=u_fold,
-        w_pp=w_pp.to(dtype).contiguous(),
+        w_pp=w_pp.contiguous(),
         middle=rest[:-1],
         # a [*, 1] matrix: torch.mm runs bf16 at 35 us per 8k rows where torch.mv takes 51
         last_w=rest[-1][0].T.contiguous(),
         last_b=float(f.rest[-1].bias),
-        dtype=dtype,
+        dtype=torch.float32,
         onednn=onednn_available(device),
-    )
+    ).cast(dtype)
 
 
 def customer_factors(plan: ScoringPlan, customers: SideTensors, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,10 +447,11 @@ def _score_all_pairs(
     model, customers, products, top_n, exclusions, unavailable, dtype, customer_rows, pairs_per_tile,
     pairs_per_unit, workers, plan, rerank,
 ) -> TopN:
-    plan = plan or plan_scoring(model, products, dtype=dtype, unavailable=unavailable)
+    base = plan or plan_scoring(model, products, unavailable=unavailable)  # fp32 unless the caller's plan is not
+    plan = base.cast(dtype) if plan is None else plan
     exact = None
     if rerank and plan.dtype != torch.float32:
-        exact = plan_scoring(model, products, dtype=torch.float32, unavailable=unavailable)
+        exact = base if base.dtype == torch.float32 else plan_scoring(model, products, unavailable=unavailable)
     device = plan.e.device
     rows_all = customer_rows if customer_rows is not None else torch.arange(customers.num_rows, device=device)
     n = rows_all.numel()

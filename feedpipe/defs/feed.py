@@ -74,8 +74,9 @@ def pair_scores(
     except ValueError as e:
         raise dg.Failure(str(e)) from None
     timings: dict[str, float] = {}
-    device = compute.torch_device() if launcher.in_process else None
+    device = None  # the launcher's ranks pick their own
     if launcher.in_process:
+        device = compute.torch_device()
         dlrm_model = dlrm_model.to(device)  # the IO manager loads it on the CPU
         scores = model_ranking(
             dlrm_model, customers, products, top_n=config.top_n, exclude=exclude, dtype=chosen.dtype,
