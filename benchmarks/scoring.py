@@ -11,9 +11,11 @@ so a busy neighbour on a shared machine slows all of them alike:
 - scorer: `score_all_pairs` over every pair (top 100, 20 excluded products per customer), wall clock,
   product-side preparation included;
 - roofline: the bare over-arch matrix-product chain of the same shapes, tiles, dtype and worker
-  threads ([Pc, Fp*D] x [Fp*D, B*H], then [Pc*B, H] x [H, 64], then x [64, 1]); no bias, ReLU, top-N
-  or customer work. Each layer runs on oneDNN and on torch.mm (MKL), and the faster is the limit
-  (on a GPU: torch.mm, i.e. cuBLAS, alone);
+  threads, in the scorer's layout: with customers as rows [B, Fc*D] x [Fc*D, Pc*H], with products as
+  rows [Pc, Fp*D] x [Fp*D, B*H]; then [B*Pc, H] x [H, 64], then x [64, 1]. The first layer's K is the
+  bare cross term (Fc*D = 64 or Fp*D = 80 at the defaults), without the same-side dot columns the
+  scorer adds (70 or 90); no bias, ReLU, top-N, customer or product work. Each layer runs on oneDNN
+  and on torch.mm (MKL), and the faster is the limit (on a GPU: torch.mm, i.e. cuBLAS, alone);
 - naive: the model's forward on pair batches built as KeyedJaggedTensors (the training path), then top-N,
   on a sample of customers.
 
@@ -43,6 +45,7 @@ from feedpipe.scoring import (  # noqa: E402
     PRECISIONS,
     Exclusions,
     customer_units,
+    customers_as_rows,
     default_pairs_per_tile,
     default_pairs_per_unit,
     forward_pairs,
@@ -123,34 +126,46 @@ def random_exclusions(n_customers: int, n_products: int, per_customer: int, g: t
 # -- the three ways of scoring --------------------------------------------------------------------
 
 
-def roofline(model, products, dtype, n_customers, pairs_per_tile, workers, kernel, pairs_per_unit):
+def roofline(model, products, dtype, n_customers, pairs_per_tile, workers, kernel, pairs_per_unit, customer_rows):
     """A callable running the bare chain over n_customers x products, tiled and threaded like the scorer:
-    the first layer as one GEMM per tile ([Pc, Fp*D] x [Fp*D, B*H]), then the rest of the over arch."""
+    the first layer as one GEMM per tile (the layout's rows x its bare cross-term K), then the rest of
+    the over arch."""
     h = model.shape.over_arch_layers[0]
-    k = model.num_product_vectors * model.shape.embedding_dim
+    d = model.shape.embedding_dim
+    k = (model.num_customer_vectors if customer_rows else model.num_product_vectors) * d
     n_p = products.num_rows
-    b_tile, p_tile = tile_shape(n_p, pairs_per_tile)
+    b_tile, p_tile = tile_shape(n_p, pairs_per_tile, customer_rows)
     g = torch.Generator().manual_seed(1)
     device = next(model.parameters()).device
-    e = torch.randn(n_p, k, generator=g).to(device, dtype)
-    u = torch.randn(b_tile * h, k, generator=g).to(device, dtype)
+    if customer_rows:  # rows: the tile's customers; columns: U' of every product, (product, h)
+        rows = torch.randn(b_tile, k, generator=g).to(device, dtype)
+        cols = torch.randn(n_p * h, k, generator=g).to(device, dtype)
+    else:  # rows: every product; columns: U' of the tile's customers, (customer, h)
+        rows = torch.randn(n_p, k, generator=g).to(device, dtype)
+        cols = torch.randn(b_tile * h, k, generator=g).to(device, dtype)
     layers = [layer for layer in model.over_arch.modules() if isinstance(layer, torch.nn.Linear)][1:]
     ws = [layer.weight.detach().to(dtype).contiguous() for layer in layers]
     onednn = kernel == "onednn"
-    units = customer_units(n_customers, n_p, pairs_per_tile, pairs_per_unit)
+    units = customer_units(n_customers, n_p, pairs_per_tile, pairs_per_unit, customer_rows)
 
     def mm(x, w):
         return linear(x, w, None, relu=False, onednn=True) if onednn else torch.mm(x, w.T)
+
+    def chain(x):
+        x = x.view(-1, h)
+        for w in ws[:-1]:
+            x = mm(x, w)
+        torch.mm(x, ws[-1].T)  # [*, 1]: as fast as torch.mv in fp32, 30% faster in bf16
 
     def work(start, stop):
         for s0 in range(start, stop, b_tile):
             nb = min(stop, s0 + b_tile) - s0
             for p0 in range(0, n_p, p_tile):
                 p1 = min(n_p, p0 + p_tile)
-                x = mm(e[p0:p1], u[: nb * h]).view((p1 - p0) * nb, h)
-                for w in ws[:-1]:
-                    x = mm(x, w)
-                torch.mm(x, ws[-1].T)  # [*, 1]: as fast as torch.mv in fp32, 30% faster in bf16
+                if customer_rows:
+                    chain(mm(rows[:nb], cols[p0 * h : p1 * h]))
+                else:
+                    chain(mm(rows[p0:p1], cols[: nb * h]))
 
     def run():
         with single_threaded_kernels(workers > 1):
@@ -360,15 +375,18 @@ def main() -> None:
     n_pairs = args.customers * args.products
     naive_rows = torch.arange(min(args.naive_customers, args.customers), device=device)
     log(f"{args.customers} x {args.products} = {n_pairs:,} pairs, {args.dtype}, {workers} workers, "
-        f"tile {tile_shape(args.products, args.pairs_per_tile)} (customers, products)")
+        f"tile {tile_shape(args.products, args.pairs_per_tile, customers_as_rows(model, args.products, device))} "
+        "(customers, products)")
 
     def scorer():
         score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=dtype, rerank=rerank,
                         pairs_per_tile=args.pairs_per_tile, pairs_per_unit=pairs_per_unit, workers=workers)
 
     kernels = ("onednn", "mkl") if on_cpu else ("cublas",)
+    customer_rows = customers_as_rows(model, args.products, device)  # the scorer's layout (no unavailable products)
     rooflines = {
-        kernel: roofline(model, products, dtype, args.customers, args.pairs_per_tile, workers, kernel, pairs_per_unit)
+        kernel: roofline(model, products, dtype, args.customers, args.pairs_per_tile, workers, kernel, pairs_per_unit,
+                         customer_rows)
         for kernel in kernels
     }
 
@@ -449,13 +467,15 @@ def main() -> None:
         "excluded_per_customer": args.exclude,
         "pairs_per_tile": args.pairs_per_tile,
         "pairs_per_unit": pairs_per_unit,
-        "tile_customers_products": list(tile_shape(args.products, args.pairs_per_tile)),
+        "layout": "customer rows" if plan.customer_rows else "product rows",
+        "tile_customers_products": list(tile_shape(args.products, args.pairs_per_tile, plan.customer_rows)),
         "embedding_dim": model.shape.embedding_dim,
         "dense_arch_layers": list(model.shape.dense_arch_layers),
         "over_arch_layers": list(model.shape.over_arch_layers),
         "over_arch_in": model.over_in_features,
-        "first_layer_k": plan.k_dim,
-        "roofline_first_layer_k": model.num_product_vectors * model.shape.embedding_dim,
+        "first_layer_k": plan.columns.u.shape[1] if plan.customer_rows else plan.k_dim,
+        "roofline_first_layer_k": (model.num_customer_vectors if plan.customer_rows else model.num_product_vectors)
+        * model.shape.embedding_dim,
         "model": args.checkpoint or f"random ({args.init} init)",
         "logit_std_per_customer": round(logit_std, 4),
         "repeats": args.repeats,

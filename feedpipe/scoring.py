@@ -20,6 +20,20 @@ the n_pp product dots widen the product (K = 80 + 10 = 90 at the project's defau
 over-arch layers then run on x viewed as [P*B, H] (rows ordered product, customer), the last one a
 matrix-vector product whose bias is added to the N kept scores only.
 
+The split is symmetric, and the side with the narrower E' should be the GEMM's rows: the first layer's
+work per pair is K. At the defaults customers have 4 vectors and 6 same-side dots (K = 64 + 6 = 70)
+against the products' 90, so on a CPU the scorer normally runs the mirror image ("customer rows"):
+
+    x[c, (p, h)] = relu(E'_c . U'_ph + bias_ph)                                       [B, Pc*H]
+    E'_c  = [vec(E_c), same-side dots of c]                                 once per customer
+    U'_ph = [T_p[h] + W_cd[h] on E_c's first block, W_cc[h]],  T_p[h, i, :] = sum_j W_x[h, i, j] v_pj
+    bias  = b_p + b1                                                        once per product
+
+Here U' belongs to the products, so it is built once for the whole catalogue (`ProductColumns`,
+P' x H x K values) instead of once per customer, and rows come out ordered (customer, product). The
+catalogue's U' must fit in memory (PRODUCT_COLUMNS_MAX_BYTES); a larger catalogue, a GPU (where the
+product-rows layout was measured) and the fp32 re-ranking below use products as rows.
+
 Work is cut into tiles of about `pairs_per_tile` pairs (B customers x Pc products) so a tile's
 intermediates stay in L2/L3, and into units of customers handed to worker threads. Each worker runs
 single-threaded kernels on its own units: no barrier per matrix product, so a core taken by another
@@ -49,6 +63,7 @@ from feedpipe.scoring_runtime import (
     HostCopies,
     default_workers,
     flush_denormals,
+    has_amx,
     keep_freed_memory_mapped,
     linear,
     onednn_available,
@@ -60,9 +75,11 @@ from feedpipe.top_n import Exclusions, TopN, apply_exclusions, top_k_rows  # noq
 # Measured on the 2-core EPYC (benchmarks/README.md, "Scoring"): 4k-16k-pair tiles score alike; 8k
 # keeps the first layer's output (4 MiB fp32) in L2+L3 and Python's per-tile cost near 1%.
 DEFAULT_PAIRS_PER_TILE = 1 << 13
-# bf16 on CPU: on the 2-core Xeon with AMX, 32k-pair tiles scored 18.6M pairs/s against 15.0M at 8k
-# (16k: 16.5M, 64k: 17.0M); the first layer's output is 8 MiB, what 16k fp32 tiles held on the EPYC.
-BF16_PAIRS_PER_TILE = 1 << 15
+# bf16 on a CPU with AMX: on the 2-core Xeon, 32k-pair tiles scored 18.6M pairs/s against 15.0M at 8k
+# (16k: 16.5M, 64k: 17.0M; products as rows); the first layer's output is 8 MiB. Without AMX (the
+# 2-core EPYC's AVX512_BF16) 8k tiles are best: 8.2M against 7.3M at 32k with customers as rows, and
+# 8.1-8.4M against 7.2M with products as rows.
+AMX_BF16_PAIRS_PER_TILE = 1 << 15
 # GPU tiles: on an H100 (2026-11-28, bf16, 10k x 2k) 512k-pair tiles scored 1.46e9 pairs/s against
 # 1.28e9 at 256k, 1.35e9 at 1M and 1.34e9 at 2M: smaller tiles cost more launches, larger ones
 # slower GEMMs (cuBLAS picks worse kernels for the very wide first layer). benchmarks/README.md, "GPU".
@@ -86,6 +103,14 @@ RERANK_MIN_EXTRA = 8
 def rerank_candidates(k: int) -> int:
     return max(math.ceil(RERANK_FACTOR * k), k + RERANK_MIN_EXTRA) if k else 0
 
+
+# Customers as rows needs the catalogue's U' in memory: P' x H x K' values, 72 MB in fp32 for 2k
+# products at the defaults and 1.8 GB for 50k. Above this products are the rows (module docstring).
+PRODUCT_COLUMNS_MAX_BYTES = 1 << 30
+# With customers as rows, a tile is this many customers (the first GEMM's M) x pairs_per_tile / 256
+# products. On one core of the 2-core EPYC the first layer ran alike for M = 128-1024 (bf16 10.5-11.2M
+# pairs/s, fp32 4.9-5.6M at K = 70) and lost 10-20% at M = 32-64.
+ROW_TILE_CUSTOMERS = 256
 
 # Customers whose U' is built at once, right before their tiles: 1.5 MiB of U' in bf16, 3 MiB in
 # fp32. 16-128 measured within 1% of each other in fp32; 64 was best in bf16 by ~1%.
@@ -175,6 +200,17 @@ def _same_side_dots(v: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]) -
 
 
 @dataclass
+class ProductColumns:
+    """U' and the first layer's bias of every scored product, for scoring with customers as rows."""
+
+    u: torch.Tensor  # [P'*H, K'_c] rows ordered (product, h)
+    bias: torch.Tensor  # [P'*H] b_p + b1
+
+    def cast(self, dtype: torch.dtype) -> "ProductColumns":
+        return ProductColumns(self.u.to(dtype), self.bias.to(dtype))  # no copy when already in dtype
+
+
+@dataclass
 class ScoringPlan:
     """What scoring needs from the model and the product table, computed once."""
 
@@ -191,6 +227,7 @@ class ScoringPlan:
     last_b: float  # added to the kept logits only
     dtype: torch.dtype
     onednn: bool
+    columns: ProductColumns | None = None  # set: customers are the first GEMM's rows (module docstring)
 
     @property
     def num_scored(self) -> int:
@@ -201,8 +238,8 @@ class ScoringPlan:
         return int(self.e.shape[1])
 
     def cast(self, dtype: torch.dtype) -> "ScoringPlan":
-        """The plan with its matrices in `dtype`. Plans are built in fp32, so this is what planning in
-        `dtype` gives, and an fp32 plan and its bf16 cast share the product-side work."""
+        """The plan with its matrices in `dtype`: what planning in `dtype` gives (the product columns,
+        when there, are built in their final dtype by `plan_scoring`)."""
         if dtype == self.dtype:
             return self
 
@@ -212,13 +249,63 @@ class ScoringPlan:
         return replace(
             self, e=c(self.e), w_x_rows=c(self.w_x_rows), u_fold=None if self.u_fold is None else c(self.u_fold),
             w_pp=c(self.w_pp), middle=[(c(w), c(b)) for w, b in self.middle], last_w=c(self.last_w), dtype=dtype,
+            columns=None if self.columns is None else self.columns.cast(dtype),
         )
+
+    @property
+    def customer_rows(self) -> bool:
+        return self.columns is not None
 
 
 def k_alignment(device: torch.device) -> int:
     """Columns K' is padded to a multiple of: cuBLAS's tensor-core kernels want rows in 16-byte
     multiples (8 bf16 values) and take slower paths otherwise; oneDNN on a CPU does not care."""
     return 1 if device.type == "cpu" else 8
+
+
+def customer_row_width(model: TwoSidedDLRM, device: torch.device) -> int:
+    """K' with customers as rows: their flattened vectors and same-side dots, padded to the device's alignment."""
+    fc = model.num_customer_vectors
+    k = fc * model.shape.embedding_dim + fc * (fc - 1) // 2
+    return k + -k % k_alignment(device)
+
+
+def customers_as_rows(model: TwoSidedDLRM, num_scored: int, device: torch.device) -> bool:
+    """The layout `plan_scoring` picks by default: customers as rows on a CPU whenever the catalogue's
+    U' fits PRODUCT_COLUMNS_MAX_BYTES in fp32 (module docstring)."""
+    hidden = model.shape.over_arch_layers[0]
+    fits = num_scored * hidden * customer_row_width(model, device) * 4 <= PRODUCT_COLUMNS_MAX_BYTES
+    return device.type == "cpu" and fits
+
+
+# Products whose T (below) is computed at once: 2 MiB of fp32, still in cache when copied into U'.
+COLUMNS_CHUNK = 64
+
+
+def _product_columns(f: FactoredOverArch, v: torch.Tensor, pp_dots: torch.Tensor, k: int,
+                     dtype: torch.dtype) -> ProductColumns:
+    """U' [P'*H, k] and bias [P'*H] in `dtype` of products with fp32 vectors v [P', Fp, D] (module docstring).
+
+    Written straight into `dtype` a chunk of products at a time: for 2k products on one core of the EPYC,
+    an fp32 U' cast afterwards took 63 ms, mostly first touches of its 72 MB; this takes 26 ms in bf16.
+    """
+    n, fp, d = v.shape
+    h, fc = f.w_x.shape[0], f.w_x.shape[1]
+    n_cc = f.w_cc.shape[1]
+    w_x = f.w_x.reshape(h * fc, fp)
+    u = torch.empty((n, h, k), dtype=dtype, device=v.device)
+    for p0 in range(0, n, COLUMNS_CHUNK):
+        # T[p, (h, i), :] = sum_j W_x[h, i, j] v[p, j, :]: a batched product laid out (h, i, d)
+        t = torch.matmul(w_x, v[p0 : p0 + COLUMNS_CHUNK]).view(-1, h, fc * d)
+        if f.w_cd is not None:  # the customer's dense output is E_c's first block
+            t[:, :, :d] += f.w_cd
+        u[p0 : p0 + COLUMNS_CHUNK, :, : fc * d] = t
+    u[:, :, fc * d : fc * d + n_cc] = f.w_cc
+    u[:, :, fc * d + n_cc :] = 0
+    bias = torch.addmm(f.b1, pp_dots, f.w_pp.T)
+    if f.w_pd is not None:  # the product's dense output is its first vector
+        bias = bias.addmm_(v[:, 0, :], f.w_pd.T)
+    return ProductColumns(u.view(n * h, k), bias.view(-1).to(dtype))
 
 
 @torch.inference_mode()
@@ -228,8 +315,10 @@ def plan_scoring(
     *,
     dtype: torch.dtype = torch.float32,
     unavailable: torch.Tensor | None = None,
+    customer_rows: bool | None = None,
 ) -> ScoringPlan:
-    """Factor the over arch and build E' for the products not in `unavailable` (product rows)."""
+    """Factor the over arch and build E' for the products not in `unavailable` (product rows), and with
+    `customer_rows` (default: `customers_as_rows`) the products' U' for the mirror layout too."""
     model.eval()
     f = factor_over_arch(model)
     device = f.b1.device
@@ -246,7 +335,10 @@ def plan_scoring(
         v = model.product_vectors(dense, kjt if products.sparse_keys else None).stacked()  # [P', Fp, D]
     else:
         v = torch.zeros((0, model.num_product_vectors, model.shape.embedding_dim), device=device)
-    e = torch.cat([v.flatten(1), _same_side_dots(v, f.pp_pairs)], dim=1)  # flatten: P' may be 0
+    pp_dots = _same_side_dots(v, f.pp_pairs)
+    e = torch.cat([v.flatten(1), pp_dots], dim=1)  # flatten: P' may be 0
+    if customer_rows is None:
+        customer_rows = customers_as_rows(model, product_rows.numel(), device)
     w_pp = f.w_pp
     pad = -e.shape[1] % k_alignment(device)
     if pad:  # zero columns in E' and in U' (through W_pp, U's last block): the same products, aligned rows
@@ -273,21 +365,34 @@ def plan_scoring(
         last_b=float(f.rest[-1].bias),
         dtype=torch.float32,
         onednn=onednn_available(device),
+        columns=_product_columns(f, v, pp_dots, customer_row_width(model, device), dtype) if customer_rows else None,
     ).cast(dtype)
 
 
-def customer_factors(plan: ScoringPlan, customers: SideTensors, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bias [S, H] (a_c + b1) and the customers' vectors flattened [S, Fc*D], in the scoring dtype.
+def customer_vectors(plan: ScoringPlan, customers: SideTensors, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The customers' vectors [S, Fc, D] and same-side dots [S, n_cc], in fp32: what either layout starts from."""
+    dense, kjt = customers.gather(rows)
+    v = plan.model.customer_vectors(dense, kjt if customers.sparse_keys else None).stacked()
+    return v, _same_side_dots(v, plan.factored.cc_pairs)
+
+
+def customer_factors(plan: ScoringPlan, v: torch.Tensor, cc_dots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For products as rows: bias [S, H] (a_c + b1) and the vectors flattened [S, Fc*D], in the plan's dtype.
 
     U' (`u_prime`) is built from the vectors a few customers at a time, just before its tiles use it.
     """
-    f, model = plan.factored, plan.model
-    dense, kjt = customers.gather(rows)
-    v = model.customer_vectors(dense, kjt if customers.sparse_keys else None).stacked()  # [S, Fc, D]
-    bias = torch.addmm(f.b1, _same_side_dots(v, f.cc_pairs), f.w_cc.T)
+    f = plan.factored
+    bias = torch.addmm(f.b1, cc_dots, f.w_cc.T)
     if f.w_cd is not None:
         bias = bias.addmm_(v[:, 0, :], f.w_cd.T)
     return bias.to(plan.dtype).contiguous(), v.reshape(v.shape[0], -1).to(plan.dtype).contiguous()
+
+
+def customer_rows_of(plan: ScoringPlan, v: torch.Tensor, cc_dots: torch.Tensor) -> torch.Tensor:
+    """For customers as rows: E'_c [S, K'_c] in the plan's dtype, zero-padded like the products' U'."""
+    k = plan.columns.u.shape[1]
+    e = torch.cat([v.flatten(1), cc_dots], dim=1)
+    return nn.functional.pad(e, (0, k - e.shape[1])).to(plan.dtype).contiguous()
 
 
 def u_prime(plan: ScoringPlan, v_flat: torch.Tensor) -> torch.Tensor:
@@ -311,25 +416,56 @@ def u_prime(plan: ScoringPlan, v_flat: torch.Tensor) -> torch.Tensor:
 def default_pairs_per_tile(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
     if device.type != "cpu":
         return GPU_PAIRS_PER_TILE
-    return DEFAULT_PAIRS_PER_TILE if dtype == torch.float32 else BF16_PAIRS_PER_TILE
+    return AMX_BF16_PAIRS_PER_TILE if dtype != torch.float32 and has_amx() else DEFAULT_PAIRS_PER_TILE
 
 
 def default_pairs_per_unit(device: torch.device) -> int:
     return DEFAULT_PAIRS_PER_UNIT if device.type == "cpu" else GPU_PAIRS_PER_UNIT
 
 
-def tile_shape(num_products: int, pairs_per_tile: int) -> tuple[int, int]:
-    """(customers, products) per tile: all products for several customers, or a product chunk for one."""
+def tile_shape(num_products: int, pairs_per_tile: int, customer_rows: bool = False) -> tuple[int, int]:
+    """(customers, products) per tile. Products as rows: all products for several customers, or a
+    product chunk for one. Customers as rows: ROW_TILE_CUSTOMERS customers x a product chunk."""
     if num_products == 0:
         return 1, 1
+    if customer_rows:
+        p = max(1, min(num_products, pairs_per_tile // ROW_TILE_CUSTOMERS))
+        return max(1, pairs_per_tile // p), p
     b = max(1, pairs_per_tile // num_products)
     return b, min(num_products, max(1, pairs_per_tile // b))
 
 
-def unit_logits(plan: ScoringPlan, bias: torch.Tensor, v_flat: torch.Tensor, pairs_per_tile: int) -> torch.Tensor:
-    """Logits [S, P'] in the scoring dtype, without the last layer's bias, of customers against scored products.
+def unit_logits(plan: ScoringPlan, v: torch.Tensor, cc_dots: torch.Tensor, pairs_per_tile: int) -> torch.Tensor:
+    """Logits [S, P'] in the scoring dtype, without the last layer's bias, of customers (`customer_vectors`)
+    against scored products, in the plan's layout."""
+    if plan.customer_rows:
+        return customer_row_logits(plan, customer_rows_of(plan, v, cc_dots), pairs_per_tile)
+    return product_row_logits(plan, *customer_factors(plan, v, cc_dots), pairs_per_tile)
 
-    bias [S, H] and v_flat [S, Fc*D] from `customer_factors`. The loop body is four calls per tile:
+
+def customer_row_logits(plan: ScoringPlan, e_c: torch.Tensor, pairs_per_tile: int) -> torch.Tensor:
+    """`unit_logits` with customers as rows: e_c [S, K'_c] from `customer_rows_of`."""
+    s_total, n_p = e_c.shape[0], plan.num_scored
+    h = plan.w_pp.shape[0]
+    b_tile, p_tile = tile_shape(n_p, pairs_per_tile, customer_rows=True)
+    out = torch.empty((s_total, n_p), dtype=plan.dtype, device=e_c.device)
+    chunks = list(zip(range(0, n_p, p_tile), plan.columns.u.split(p_tile * h), plan.columns.bias.split(p_tile * h)))
+    for s0 in range(0, s_total, b_tile):
+        e_b = e_c[s0 : s0 + b_tile]
+        for p0, u_c, bias_c in chunks:
+            # [B, K'] x [K', Pc*H] -> [B, Pc*H] == [B*Pc, H] row-major: rows ordered (customer, product).
+            x = linear(e_b, u_c, bias_c, relu=True, onednn=plan.onednn)
+            for w, b in plan.middle:
+                x = linear(x.view(-1, w.shape[1]), w, b, relu=True, onednn=plan.onednn)
+            y = torch.mm(x.view(-1, plan.last_w.shape[0]), plan.last_w)
+            out[s0 : s0 + e_b.shape[0], p0 : p0 + u_c.shape[0] // h] = y.view(e_b.shape[0], -1)
+    return out
+
+
+def product_row_logits(plan: ScoringPlan, bias: torch.Tensor, v_flat: torch.Tensor, pairs_per_tile: int) -> torch.Tensor:
+    """`unit_logits` with products as rows: bias [S, H] and v_flat [S, Fc*D] from `customer_factors`.
+
+    The loop body is four calls per tile:
     Python's cost per call is a few microseconds, and a tile is ~0.5 ms of work.
     """
     s_total, h = bias.shape
@@ -396,10 +532,11 @@ def _rerank(exact: ScoringPlan, logits: torch.Tensor, bias: torch.Tensor, v_flat
     return values, torch.gather(candidates, 1, best)
 
 
-def customer_units(n: int, num_products: int, pairs_per_tile: int, pairs_per_unit: int) -> list[tuple[int, int]]:
+def customer_units(n: int, num_products: int, pairs_per_tile: int, pairs_per_unit: int,
+                   customer_rows: bool = False) -> list[tuple[int, int]]:
     """[start, stop) ranges of customers, each ~pairs_per_unit pairs (at most MAX_UNIT_CUSTOMERS
-    customers) and a whole number of tiles."""
-    b_tile, _ = tile_shape(num_products, pairs_per_tile)
+    customers) and a whole number of tiles of the layout."""
+    b_tile, _ = tile_shape(num_products, pairs_per_tile, customer_rows)
     customers = min(MAX_UNIT_CUSTOMERS, max(1, pairs_per_unit // max(1, num_products)))
     per_unit = max(b_tile, customers // b_tile * b_tile)
     return [(s, min(n, s + per_unit)) for s in range(0, n, per_unit)]
@@ -447,11 +584,10 @@ def _score_all_pairs(
     model, customers, products, top_n, exclusions, unavailable, dtype, customer_rows, pairs_per_tile,
     pairs_per_unit, workers, plan, rerank,
 ) -> TopN:
-    base = plan or plan_scoring(model, products, unavailable=unavailable)  # fp32 unless the caller's plan is not
-    plan = base.cast(dtype) if plan is None else plan
+    plan = plan or plan_scoring(model, products, dtype=dtype, unavailable=unavailable)
     exact = None
-    if rerank and plan.dtype != torch.float32:
-        exact = base if base.dtype == torch.float32 else plan_scoring(model, products, unavailable=unavailable)
+    if rerank and plan.dtype != torch.float32:  # re-ranking scores candidates with products as rows
+        exact = plan_scoring(model, products, unavailable=unavailable, customer_rows=False)
     device = plan.e.device
     rows_all = customer_rows if customer_rows is not None else torch.arange(customers.num_rows, device=device)
     n = rows_all.numel()
@@ -466,11 +602,11 @@ def _score_all_pairs(
     copies = HostCopies([out_rows, out_scores]) if device.type == "cuda" else None
 
     def work(start: int, stop: int) -> None:
-        bias, v_flat = customer_factors(exact if exact is not None else plan, customers, rows_all[start:stop])
-        logits = unit_logits(plan, bias.to(plan.dtype), v_flat.to(plan.dtype), pairs_per_tile)
+        v, cc_dots = customer_vectors(plan, customers, rows_all[start:stop])
+        logits = unit_logits(plan, v, cc_dots, pairs_per_tile)
         apply_exclusions(logits, ex, start, stop, ex_device)
         if exact is not None:
-            values, columns = _rerank(exact, logits, bias, v_flat, k)
+            values, columns = _rerank(exact, logits, *customer_factors(exact, v, cc_dots), k)
         else:
             values, columns = top_k_rows(logits, k)
         unfilled = values == float("-inf")
@@ -481,7 +617,7 @@ def _score_all_pairs(
         else:
             out_rows[start:stop], out_scores[start:stop] = rows.cpu(), scores.cpu()
 
-    run_units(customer_units(n, n_p, pairs_per_tile, pairs_per_unit), work, workers)
+    run_units(customer_units(n, n_p, pairs_per_tile, pairs_per_unit, plan.customer_rows), work, workers)
     if copies is not None:
         copies.finish()
     return TopN(product_rows=out_rows, scores=out_scores)
@@ -496,17 +632,18 @@ def pair_logits(
     *,
     dtype: torch.dtype = torch.float32,
     pairs_per_tile: int | None = None,
+    layout_customer_rows: bool | None = None,
 ) -> torch.Tensor:
     """Logits [len(customer_rows), P] of every pair through the scorer's path (for checks and benchmarks).
 
+    `layout_customer_rows`: the layout (`plan_scoring`'s `customer_rows`; default: the scorer's choice).
     One thread on CPU: a check should not wait on OpenMP barriers while other jobs hold a core.
     """
     device = next(model.parameters()).device
     with single_threaded_kernels(device.type == "cpu"), flush_denormals():
-        plan = plan_scoring(model, products, dtype=dtype)
-        bias, v_flat = customer_factors(plan, customers, customer_rows)
+        plan = plan_scoring(model, products, dtype=dtype, customer_rows=layout_customer_rows)
         tile = pairs_per_tile or default_pairs_per_tile(plan.e.device, dtype)
-        return unit_logits(plan, bias, v_flat, tile).float() + plan.last_b
+        return unit_logits(plan, *customer_vectors(plan, customers, customer_rows), tile).float() + plan.last_b
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from feedpipe.scoring import (
     DEFAULT_PAIRS_PER_TILE,
     DEFAULT_PAIRS_PER_UNIT,
     customer_units,
+    customers_as_rows,
     default_pairs_per_tile,
     default_pairs_per_unit,
 )
@@ -35,34 +36,41 @@ from feedpipe.training import TrainedModel
 
 
 def customers_per_unit(num_scored_products: int, pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
-                       pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT) -> int:
-    """Customers in one of the scorer's work units at this tile and unit size (the device's defaults)."""
+                       pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT, customer_rows: bool = False) -> int:
+    """Customers in one of the scorer's work units at this tile and unit size (the device's defaults)
+    and layout (`scoring.customers_as_rows`)."""
     # The scorer's own unit rule: ranges aligned to it make the merged result bit-identical (a
     # change to the rule shows up as a failing row-for-row test, not as a silent difference).
     n = pairs_per_unit + pairs_per_tile  # more customers than any unit holds
-    start, stop = customer_units(n, num_scored_products, pairs_per_tile, pairs_per_unit)[0]
+    start, stop = customer_units(n, num_scored_products, pairs_per_tile, pairs_per_unit, customer_rows)[0]
     return stop - start
 
 
 def customer_range(num_customers: int, num_scored_products: int, world_size: int, rank: int,
                    pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE,
-                   pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT) -> tuple[int, int]:
+                   pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT, customer_rows: bool = False) -> tuple[int, int]:
     """[start, stop) of this rank's customers: a contiguous run of whole scorer units."""
-    per_unit = customers_per_unit(num_scored_products, pairs_per_tile, pairs_per_unit)
+    per_unit = customers_per_unit(num_scored_products, pairs_per_tile, pairs_per_unit, customer_rows)
     units = -(-num_customers // per_unit)
     first, last = split_range(units, world_size, rank)
     return min(num_customers, first * per_unit), min(num_customers, last * per_unit)
 
 
+def scored_products(products: pl.DataFrame, unavailable: pl.Series | None) -> int:
+    """How many products the scorer scores: those not unavailable."""
+    if unavailable is None or not unavailable.len():
+        return products.height
+    return products.height - products.join(unavailable.to_frame(PRODUCT_ID), on=PRODUCT_ID, how="semi").height
+
+
 def rank_customers(
     customers: pl.DataFrame, products: pl.DataFrame, group: RankGroup, unavailable: pl.Series | None = None,
     pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE, pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT,
+    customer_rows: bool = False,
 ) -> pl.DataFrame:
-    """This rank's customer rows (see `customer_range`), in units of the scorer's tile and unit size."""
-    scored = products.height
-    if unavailable is not None and unavailable.len():
-        scored -= products.join(unavailable.to_frame(PRODUCT_ID), on=PRODUCT_ID, how="semi").height
-    start, stop = customer_range(customers.height, scored, group.world_size, group.rank, pairs_per_tile, pairs_per_unit)
+    """This rank's customer rows (see `customer_range`), in units of the scorer's tile, unit size and layout."""
+    start, stop = customer_range(customers.height, scored_products(products, unavailable), group.world_size,
+                                 group.rank, pairs_per_tile, pairs_per_unit, customer_rows)
     return customers.slice(start, stop - start)
 
 
@@ -85,8 +93,10 @@ def score_rank_part(
 ) -> tuple[int, int]:
     """Score this rank's customers and write its part; returns (customers, pairs) it scored."""
     device = next(trained.model.parameters()).device
-    tile, unit = default_pairs_per_tile(device, dtype), default_pairs_per_unit(device)  # what the scorer will use
-    mine = rank_customers(customers, products, group, unavailable, tile, unit)
+    # what the scorer will use
+    tile, unit = default_pairs_per_tile(device, dtype), default_pairs_per_unit(device)
+    rows = customers_as_rows(trained.model, scored_products(products, unavailable), device)
+    mine = rank_customers(customers, products, group, unavailable, tile, unit, rows)
     ranking = model_ranking(trained, mine, products, top_n=top_n, exclude=exclude, unavailable=unavailable,
                             dtype=dtype, rerank=rerank, pairs_per_tile=tile)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)

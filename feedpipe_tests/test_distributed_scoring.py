@@ -1,11 +1,12 @@
 """Scoring split by customer ranges over 2 torchrun ranks merges to the one-process ranking."""
 
 import polars as pl
+import torch
 import pytest
 
 from feedpipe.process_group import split_range
 from feedpipe.ranking import model_ranking
-from feedpipe.scoring import DEFAULT_PAIRS_PER_TILE, tile_shape
+from feedpipe.scoring import DEFAULT_PAIRS_PER_TILE, customers_as_rows, default_pairs_per_tile, tile_shape
 from feedpipe.sharded_scoring import customer_range, customers_per_unit
 from feedpipe.training import TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
 from feedpipe.training_examples import purchased_pairs
@@ -25,7 +26,8 @@ def scoring_inputs(tmp_path_factory):
     model = train_dlrm(train, valid, model_shape(vocab.customer_specs, vocab.product_specs, vocab, cfg), cfg).model
     trained = TrainedModel(model, vocab.customer_specs, vocab.product_specs, vocab, "v1")
     trained.save(d / "model")
-    n = min(1200, 2 * customers_per_unit(2000) + 79)  # 2 units and a part: ranges of 2 units and 1
+    # 2 units (of the CPU scorer's layout, customers as rows) and a part: ranges of 2 units and 1
+    n = min(1200, 2 * customers_per_unit(2000, customer_rows=True) + 79)
     customers = pl.read_parquet(paths["customers"]).head(n)
     customers.write_parquet(paths["customers"])
     exclude = purchased_pairs(pl.read_parquet(paths["transactions"]))
@@ -42,19 +44,23 @@ def test_customer_ranges_are_contiguous_cover_everyone_and_differ_by_at_most_one
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_rank_ranges_are_whole_scorer_units_and_cover_every_customer():
-    per_unit = customers_per_unit(2000)
-    assert per_unit % tile_shape(2000, DEFAULT_PAIRS_PER_TILE)[0] == 0 and per_unit < 600
+@pytest.mark.parametrize("rows", [False, True])
+def test_rank_ranges_are_whole_scorer_units_and_cover_every_customer(rows):
+    per_unit = customers_per_unit(2000, customer_rows=rows)
+    assert per_unit % tile_shape(2000, DEFAULT_PAIRS_PER_TILE, rows)[0] == 0 and per_unit < 600
     n = 2 * per_unit + 79
-    assert [customer_range(n, 2000, 2, r) for r in range(2)] == [(0, 2 * per_unit), (2 * per_unit, n)]
-    assert [customer_range(n, 2000, 3, r) for r in range(3)] == [(0, per_unit), (per_unit, 2 * per_unit), (2 * per_unit, n)]
-    assert [customer_range(10, 2000, 3, r) for r in range(3)] == [(0, 10), (10, 10), (10, 10)]
+    ranges = [customer_range(n, 2000, 2, r, customer_rows=rows) for r in range(2)]
+    assert ranges == [(0, 2 * per_unit), (2 * per_unit, n)]
+    ranges = [customer_range(n, 2000, 3, r, customer_rows=rows) for r in range(3)]
+    assert ranges == [(0, per_unit), (per_unit, 2 * per_unit), (2 * per_unit, n)]
+    assert [customer_range(10, 2000, 3, r, customer_rows=rows) for r in range(3)] == [(0, 10), (10, 10), (10, 10)]
 
 
 def test_two_rank_scoring_merges_to_the_one_process_ranking_row_for_row(scoring_inputs):
     d, paths, trained, customers, exclude = scoring_inputs
     products = pl.read_parquet(paths["products"])
-    assert customer_range(customers.height, products.height, 2, 1)[0] < customers.height  # rank 1 has customers
+    assert customers_as_rows(trained.model, products.height, torch.device("cpu"))  # the layout the ranges assume
+    assert customer_range(customers.height, products.height, 2, 1, customer_rows=True)[0] < customers.height
     expected = model_ranking(trained, customers, products, top_n=25, exclude=exclude)
     out = d / "ranking.parquet"
     run_ranks(["score", "--model", str(d / "model"), "--customers", str(paths["customers"]),
@@ -70,10 +76,6 @@ def test_two_rank_scoring_merges_to_the_one_process_ranking_row_for_row(scoring_
 
 def test_bf16_rerank_split_at_rank_ranges_equals_one_process(scoring_inputs):
     """What each rank computes with bf16-rerank (its range at the bf16 tile), concatenated, is the one-process frame."""
-    import torch
-
-    from feedpipe.scoring import default_pairs_per_tile
-
     _, paths, trained, customers, exclude = scoring_inputs
     products = pl.read_parquet(paths["products"])
     tile = default_pairs_per_tile(torch.device("cpu"), torch.bfloat16)
@@ -81,7 +83,7 @@ def test_bf16_rerank_split_at_rank_ranges_equals_one_process(scoring_inputs):
     expected = model_ranking(trained, customers, products, **kw)
     parts = []
     for rank in range(3):
-        start, stop = customer_range(customers.height, products.height, 3, rank, tile)
+        start, stop = customer_range(customers.height, products.height, 3, rank, tile, customer_rows=True)
         parts.append(model_ranking(trained, customers.slice(start, stop - start), products, **kw))
     assert sum(p.height > 0 for p in parts) >= 2  # the split happened
     assert pl.concat(parts).equals(expected)

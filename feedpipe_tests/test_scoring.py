@@ -36,13 +36,33 @@ def _all_pairs_forward(model, customers, products):
 @pytest.mark.parametrize("customer_dense", [0, 3])
 @pytest.mark.parametrize("product_dense", [0, 2])
 @pytest.mark.parametrize("over_arch", [(32, 16, 1), (24, 12, 6, 1)])
-def test_every_pair_logit_equals_the_forward_pass(customer_dense, product_dense, over_arch):
+@pytest.mark.parametrize("customer_rows", [False, True])
+def test_every_pair_logit_equals_the_forward_pass(customer_dense, product_dense, over_arch, customer_rows):
     model, customers, products = _random_case(7, 40, 90, customer_dense, product_dense, over_arch)
     ref = _all_pairs_forward(model, customers, products)
-    # 200 pairs per tile: 2 customers x 90 products; 50: one customer x product chunks of 50 (and a rest of 40)
-    for tile in (200, 50):
-        got = pair_logits(model, customers, products, torch.arange(40), pairs_per_tile=tile)
+    # Products as rows: 200 pairs per tile is 2 customers x 90 products, 50 one customer x product chunks
+    # of 50 (and a rest of 40). Customers as rows: 200 and 50 are all 40 customers x one product; 1030 is
+    # 257 customers x chunks of 4 products (and a rest of 2).
+    for tile in (200, 50, 1030):
+        got = pair_logits(model, customers, products, torch.arange(40), pairs_per_tile=tile,
+                          layout_customer_rows=customer_rows)
         assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_customers_are_rows_on_a_cpu_while_the_catalogues_columns_fit_the_memory_cap(monkeypatch):
+    model, customers, products = _random_case(8, 30, 50, 2, 1)
+    cpu = torch.device("cpu")
+    assert scoring.customers_as_rows(model, 50, cpu) and scoring.plan_scoring(model, products).customer_rows
+    # K'_c: 4 customer vectors (the dense output, c.id, c.seg, c.hist) x 8 + their 6 dots = 38
+    k = scoring.customer_row_width(model, cpu)
+    assert k == model.num_customer_vectors * 8 + model.num_customer_vectors * (model.num_customer_vectors - 1) // 2
+    monkeypatch.setattr(scoring, "PRODUCT_COLUMNS_MAX_BYTES", 50 * 32 * k * 4 - 1)  # one byte short for 50 products
+    assert not scoring.customers_as_rows(model, 50, cpu) and scoring.customers_as_rows(model, 49, cpu)
+    plan = scoring.plan_scoring(model, products)
+    assert not plan.customer_rows  # and it still scores every pair exactly
+    got = pair_logits(model, customers, products, torch.arange(30))
+    assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
+    assert not scoring.customers_as_rows(model, 50, torch.device("meta"))  # a GPU keeps its measured layout
 
 
 def test_the_generic_kernel_path_is_exact_too(monkeypatch):
@@ -60,8 +80,10 @@ def test_padding_k_to_an_alignment_changes_no_logit(monkeypatch):
         model, customers, products = _random_case(4, 25, 40, 2, product_dense)
         plan = scoring.plan_scoring(model, products)
         assert plan.k_dim % 8 == 0 and plan.w_pp.shape[1] == plan.k_dim - model.num_product_vectors * 8
-        got = pair_logits(model, customers, products, torch.arange(25), pairs_per_tile=120)
-        assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
+        assert plan.columns.u.shape[1] % 8 == 0
+        for rows in (False, True):
+            got = pair_logits(model, customers, products, torch.arange(25), pairs_per_tile=120, layout_customer_rows=rows)
+            assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
 
 
 def _reference_top_n(ref, excluded_pairs, unavailable, n):
@@ -74,19 +96,24 @@ def _reference_top_n(ref, excluded_pairs, unavailable, n):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_top_n_equals_the_forward_ranking_with_exclusions_and_unavailable_products(workers):
+@pytest.mark.parametrize("customer_rows", [False, True])
+def test_top_n_equals_the_forward_ranking_with_exclusions_and_unavailable_products(workers, customer_rows):
     model, customers, products = _random_case(11, 60, 120, 2, 1)
     rng = np.random.default_rng(0)
     excluded = [(int(c), int(p)) for c in range(0, 60, 3) for p in rng.choice(120, 15, replace=False)]
     unavailable = torch.tensor([0, 5, 17, 64, 119])
     ex = Exclusions.from_pairs(np.array([c for c, _ in excluded]), np.array([p for _, p in excluded]), 60)
-    # small tiles and units: several units per worker, product chunks, a partial last tile
-    top = score_all_pairs(model, customers, products, top_n=10, exclusions=ex, unavailable=unavailable,
-                          pairs_per_tile=100, pairs_per_unit=700, workers=workers)
-    rows, scores = _reference_top_n(_all_pairs_forward(model, customers, products), excluded, unavailable, 10)
-    assert torch.equal(top.product_rows, rows)
-    assert (top.scores - scores).abs().max().item() <= 1e-5
-    assert not np.isin(top.product_rows.numpy(), unavailable.numpy()).any()
+    plan = scoring.plan_scoring(model, products, unavailable=unavailable, customer_rows=customer_rows)
+    # Small tiles and units: several units per worker, product chunks, a partial last tile. Customers as
+    # rows: 7 pairs is 7 customers x 1 product in units of 7 (the last one 4); 520 is one unit of 260
+    # customers x chunks of 2 products.
+    for tile in (7, 100, 520):
+        top = score_all_pairs(model, customers, products, top_n=10, exclusions=ex, unavailable=unavailable,
+                              pairs_per_tile=tile, pairs_per_unit=700, workers=workers, plan=plan)
+        rows, scores = _reference_top_n(_all_pairs_forward(model, customers, products), excluded, unavailable, 10)
+        assert torch.equal(top.product_rows, rows)
+        assert (top.scores - scores).abs().max().item() <= 1e-5
+        assert not np.isin(top.product_rows.numpy(), unavailable.numpy()).any()
 
 
 def test_a_customer_with_fewer_allowed_products_than_n_gets_empty_slots():
@@ -251,8 +278,8 @@ def test_a_model_with_denormal_embedding_rows_scores_exactly_with_denormals_flus
                 p[:3] = 1e-39  # the padding, null and OOV rows of a trained model
     customers.sparse["c.seg"][0][:10] = 1  # some customers and products use those rows
     products.sparse["p.brand"][0][:10] = 2
-    modes, factors = [], scoring.customer_factors
-    monkeypatch.setattr(scoring, "customer_factors", lambda *a: modes.append(denormals_flushed()) or factors(*a))
+    modes, vectors = [], scoring.customer_vectors
+    monkeypatch.setattr(scoring, "customer_vectors", lambda *a: modes.append(denormals_flushed()) or vectors(*a))
     top = score_all_pairs(model, customers, products, top_n=60, pairs_per_tile=200, pairs_per_unit=600, workers=2)
     assert modes and all(modes)  # every unit, in both worker threads
     ref = _all_pairs_forward(model, customers, products)
