@@ -63,6 +63,8 @@ run() {
   local bench="python3 benchmarks/scoring.py --device cuda"
   if [ "$what" = scoring ]; then  # the scorer alone: profiles and tile sizes
     step score_bf16_profile 75 $bench --dtype bf16 --repeats 5 --profile
+    # customers as rows (the CPU layout since session 4; not yet measured on a GPU)
+    step score_bf16_customer_rows 60 $bench --dtype bf16 --repeats 5 --layout customer-rows --profile
     step score_bf16_tile256k 60 $bench --dtype bf16 --repeats 5 --pairs-per-tile 262144
     step score_bf16_tile512k 60 $bench --dtype bf16 --repeats 5 --pairs-per-tile 524288 --profile
     step score_bf16_tile1m 60 $bench --dtype bf16 --repeats 5 --pairs-per-tile 1048576

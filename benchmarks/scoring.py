@@ -352,6 +352,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile one scorer call (torch.profiler): "
                     "its busy device time and the ops that took it")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the model and tables move there)")
+    ap.add_argument("--layout", choices=("auto", "customer-rows", "product-rows"), default="auto",
+                    help="the first GEMM's rows, for the scorer and its roofline alike (auto: the scorer's choice)")
     ap.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -374,16 +376,20 @@ def main() -> None:
     workers = args.workers or default_workers(device)
     n_pairs = args.customers * args.products
     naive_rows = torch.arange(min(args.naive_customers, args.customers), device=device)
+    # the scorer's layout (no product is unavailable here)
+    customer_rows = {"auto": customers_as_rows(model, args.products, device), "customer-rows": True,
+                     "product-rows": False}[args.layout]
+
     log(f"{args.customers} x {args.products} = {n_pairs:,} pairs, {args.dtype}, {workers} workers, "
-        f"tile {tile_shape(args.products, args.pairs_per_tile, customers_as_rows(model, args.products, device))} "
+        f"tile {tile_shape(args.products, args.pairs_per_tile, customer_rows)} "
         "(customers, products)")
 
     def scorer():
         score_all_pairs(model, customers, products, top_n=args.top_n, exclusions=ex, dtype=dtype, rerank=rerank,
-                        pairs_per_tile=args.pairs_per_tile, pairs_per_unit=pairs_per_unit, workers=workers)
+                        pairs_per_tile=args.pairs_per_tile, pairs_per_unit=pairs_per_unit, workers=workers,
+                        layout_customer_rows=customer_rows)
 
     kernels = ("onednn", "mkl") if on_cpu else ("cublas",)
-    customer_rows = customers_as_rows(model, args.products, device)  # the scorer's layout (no unavailable products)
     rooflines = {
         kernel: roofline(model, products, dtype, args.customers, args.pairs_per_tile, workers, kernel, pairs_per_unit,
                          customer_rows)
@@ -424,7 +430,7 @@ def main() -> None:
     with torch.inference_mode():
         ref = forward_pairs(model, customers, products, diff_rows.repeat_interleave(args.products),
                             torch.arange(args.products, device=device).repeat(diff_rows.numel())).view(diff_rows.numel(), -1)
-        got = pair_logits(model, customers, products, diff_rows, dtype=dtype)
+        got = pair_logits(model, customers, products, diff_rows, dtype=dtype, layout_customer_rows=customer_rows)
         max_abs_diff = float((got - ref).abs().max())
         fp32_all = pair_logits(model, customers, products, check_rows, dtype=torch.float32)
         logit_std = float(fp32_all.std(dim=1).mean())
@@ -434,13 +440,14 @@ def main() -> None:
             a = torch.topk(fp32_all, k, dim=1).indices
             if rerank:  # the scorer's own top k, re-ranked
                 b = score_all_pairs(model, customers, products, top_n=k, dtype=dtype, rerank=True,
-                                    customer_rows=check_rows).product_rows.to(device)
+                                    customer_rows=check_rows, layout_customer_rows=customer_rows).product_rows.to(device)
             else:
-                b = torch.topk(pair_logits(model, customers, products, check_rows, dtype=dtype), k, dim=1).indices
+                b = torch.topk(pair_logits(model, customers, products, check_rows, dtype=dtype,
+                                           layout_customer_rows=customer_rows), k, dim=1).indices
             hits = (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)
             overlap = float(hits.float().mean() / k)
 
-    plan = plan_scoring(model, products, dtype=dtype)
+    plan = plan_scoring(model, products, dtype=dtype, customer_rows=customer_rows)
     result = {
         "pairs_per_s": round(med("scorer")),
         "roofline_fraction": round(med("roofline_fraction"), 3),

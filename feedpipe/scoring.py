@@ -558,6 +558,7 @@ def score_all_pairs(
     workers: int | None = None,
     plan: ScoringPlan | None = None,
     rerank: bool = False,
+    layout_customer_rows: bool | None = None,
 ) -> TopN:
     """Top-N products per customer over all available products (exact in fp32; see module docstring).
 
@@ -566,6 +567,7 @@ def score_all_pairs(
     `workers`: threads, each running single-threaded kernels (default: torch.get_num_threads() on CPU,
     1 elsewhere); 1 runs inline with torch's own intra-op threads. `rerank`: with a low-precision dtype,
     re-score each customer's best `rerank_candidates(top_n)` columns in fp32 and keep the top_n of those.
+    `layout_customer_rows`: `plan_scoring`'s `customer_rows` when no `plan` is given (default: its choice).
     """
     device = plan.e.device if plan is not None else next(model.parameters()).device
     workers = workers or default_workers(device)
@@ -576,15 +578,15 @@ def score_all_pairs(
     with single_threaded_kernels(workers > 1), flush_denormals():
         return _score_all_pairs(
             model, customers, products, top_n, exclusions, unavailable, dtype, customer_rows, pairs_per_tile,
-            pairs_per_unit, workers, plan, rerank,
+            pairs_per_unit, workers, plan, rerank, layout_customer_rows,
         )
 
 
 def _score_all_pairs(
     model, customers, products, top_n, exclusions, unavailable, dtype, customer_rows, pairs_per_tile,
-    pairs_per_unit, workers, plan, rerank,
+    pairs_per_unit, workers, plan, rerank, layout_customer_rows,
 ) -> TopN:
-    plan = plan or plan_scoring(model, products, dtype=dtype, unavailable=unavailable)
+    plan = plan or plan_scoring(model, products, dtype=dtype, unavailable=unavailable, customer_rows=layout_customer_rows)
     exact = None
     if rerank and plan.dtype != torch.float32:  # re-ranking scores candidates with products as rows
         exact = plan_scoring(model, products, unavailable=unavailable, customer_rows=False)
