@@ -27,7 +27,7 @@ against the products' 90, so on a CPU the scorer normally runs the mirror image 
     x[c, (p, h)] = relu(E'_c . U'_ph + bias_ph)                                       [B, Pc*H]
     E'_c  = [vec(E_c), same-side dots of c]                                 once per customer
     U'_ph = [T_p[h] + W_cd[h] on E_c's first block, W_cc[h]],  T_p[h, i, :] = sum_j W_x[h, i, j] v_pj
-    bias  = b_p + b1                                                        once per product
+    bias  = b_p  (b1 is in it)                                              once per product
 
 Here U' belongs to the products, so it is built once for the whole catalogue (`ProductColumns`,
 P' x H x K values) instead of once per customer, and rows come out ordered (customer, product). The
@@ -107,10 +107,19 @@ def rerank_candidates(k: int) -> int:
 # Customers as rows needs the catalogue's U' in memory: P' x H x K' values, 72 MB in fp32 for 2k
 # products at the defaults and 1.8 GB for 50k. Above this products are the rows (module docstring).
 PRODUCT_COLUMNS_MAX_BYTES = 1 << 30
-# With customers as rows, a tile is this many customers (the first GEMM's M) x pairs_per_tile / 256
-# products. On one core of the 2-core EPYC the first layer ran alike for M = 128-1024 (bf16 10.5-11.2M
-# pairs/s, fp32 4.9-5.6M at K = 70) and lost 10-20% at M = 32-64.
-ROW_TILE_CUSTOMERS = 256
+# With customers as rows, a tile is pairs_per_tile / 16 customers (the first GEMM's M), within these
+# bounds, x the rest in products. On the 2-core Xeon with AMX, whole scorer at 10k x 2k (session 5):
+# bf16 32k-pair tiles 15.96M pairs/s at M = 256, 20.52M at 512, 22.18M at 1024, 20.07M at 2048 (oneDNN
+# repacks each tile's U' chunk for AMX, and a larger M spreads that over more rows); fp32 8k-pair tiles
+# 6.22M at 256, 6.41-6.80M at 512, 6.75-6.90M at 1024, 5.98M at 2048. On the EPYC without AMX, M =
+# 128-1024 ran alike (bf16 first layer 10.5-11.2M, fp32 4.9-5.6M) and M = 32-64 lost 10-20%.
+ROW_TILE_MIN_CUSTOMERS = 256
+ROW_TILE_MAX_CUSTOMERS = 1024
+
+
+def row_tile_customers(pairs_per_tile: int) -> int:
+    """Customers per tile with customers as rows: 512 for the CPU's 8k-pair tiles, 1024 for AMX's 32k."""
+    return min(ROW_TILE_MAX_CUSTOMERS, max(ROW_TILE_MIN_CUSTOMERS, pairs_per_tile // 16))
 
 # Customers whose U' is built at once, right before their tiles: 1.5 MiB of U' in bf16, 3 MiB in
 # fp32. 16-128 measured within 1% of each other in fp32; 64 was best in bf16 by ~1%.
@@ -204,7 +213,7 @@ class ProductColumns:
     """U' and the first layer's bias of every scored product, for scoring with customers as rows."""
 
     u: torch.Tensor  # [P'*H, K'_c] rows ordered (product, h)
-    bias: torch.Tensor  # [P'*H] b_p + b1
+    bias: torch.Tensor  # [P'*H] b_p, b1 included
 
     def cast(self, dtype: torch.dtype) -> "ProductColumns":
         return ProductColumns(self.u.to(dtype), self.bias.to(dtype))  # no copy when already in dtype
@@ -425,11 +434,11 @@ def default_pairs_per_unit(device: torch.device) -> int:
 
 def tile_shape(num_products: int, pairs_per_tile: int, customer_rows: bool = False) -> tuple[int, int]:
     """(customers, products) per tile. Products as rows: all products for several customers, or a
-    product chunk for one. Customers as rows: ROW_TILE_CUSTOMERS customers x a product chunk."""
+    product chunk for one. Customers as rows: `row_tile_customers` customers x a product chunk."""
     if num_products == 0:
         return 1, 1
     if customer_rows:
-        p = max(1, min(num_products, pairs_per_tile // ROW_TILE_CUSTOMERS))
+        p = max(1, min(num_products, pairs_per_tile // row_tile_customers(pairs_per_tile)))
         return max(1, pairs_per_tile // p), p
     b = max(1, pairs_per_tile // num_products)
     return b, min(num_products, max(1, pairs_per_tile // b))

@@ -9,9 +9,9 @@ its last bit on where the customer sits in the unit (measured: 3 of 7,475 scores
 with ranges cut elsewhere). A unit is a fraction of a second of work, so whole units balance ranks
 well enough.
 
-Ranks do not talk while scoring (each holds the whole model, which is small next to the pairs);
-the only collective is the barrier before the merge, so a rank on a slower machine delays the merge
-and nothing else.
+Ranks do not talk while scoring (each holds the whole model, which is small next to the pairs): they
+agree once on the unit size before it and wait at a barrier before the merge, so a rank on a slower
+machine delays the merge and nothing else.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def customer_range(num_customers: int, num_scored_products: int, world_size: int
                    pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT, customer_rows: bool = False) -> tuple[int, int]:
     """[start, stop) of this rank's customers: a contiguous run of whole scorer units."""
     per_unit = customers_per_unit(num_scored_products, pairs_per_tile, pairs_per_unit, customer_rows)
+    return unit_range(num_customers, per_unit, world_size, rank)
+
+
+def unit_range(num_customers: int, per_unit: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of this rank's share of `num_customers` cut into units of `per_unit` customers."""
     units = -(-num_customers // per_unit)
     first, last = split_range(units, world_size, rank)
     return min(num_customers, first * per_unit), min(num_customers, last * per_unit)
@@ -63,14 +68,21 @@ def scored_products(products: pl.DataFrame, unavailable: pl.Series | None) -> in
     return products.height - products.join(unavailable.to_frame(PRODUCT_ID), on=PRODUCT_ID, how="semi").height
 
 
-def rank_customers(
-    customers: pl.DataFrame, products: pl.DataFrame, group: RankGroup, unavailable: pl.Series | None = None,
-    pairs_per_tile: int = DEFAULT_PAIRS_PER_TILE, pairs_per_unit: int = DEFAULT_PAIRS_PER_UNIT,
-    customer_rows: bool = False,
-) -> pl.DataFrame:
-    """This rank's customer rows (see `customer_range`), in units of the scorer's tile, unit size and layout."""
-    start, stop = customer_range(customers.height, scored_products(products, unavailable), group.world_size,
-                                 group.rank, pairs_per_tile, pairs_per_unit, customer_rows)
+def agreed_customers_per_unit(group: RankGroup, num_scored_products: int, pairs_per_tile: int,
+                              pairs_per_unit: int, customer_rows: bool) -> int:
+    """The unit every rank cuts its range from: the smallest of the ranks' own.
+
+    Hosts may differ (a bf16 tile is 4x larger where the CPU has AMX, and with fewer products than a
+    tile's column chunk that changes the unit), and ranges cut from different units would overlap or
+    leave customers out. Where all ranks agree, as on identical hosts, this is each one's own unit and
+    the merged ranking equals one process's to the bit.
+    """
+    return group.min(customers_per_unit(num_scored_products, pairs_per_tile, pairs_per_unit, customer_rows))
+
+
+def rank_customers(customers: pl.DataFrame, group: RankGroup, per_unit: int) -> pl.DataFrame:
+    """This rank's customer rows: a contiguous run of whole units of `per_unit` customers."""
+    start, stop = unit_range(customers.height, per_unit, group.world_size, group.rank)
     return customers.slice(start, stop - start)
 
 
@@ -95,8 +107,9 @@ def score_rank_part(
     device = next(trained.model.parameters()).device
     # what the scorer will use
     tile, unit = default_pairs_per_tile(device, dtype), default_pairs_per_unit(device)
-    rows = customers_as_rows(trained.model, scored_products(products, unavailable), device)
-    mine = rank_customers(customers, products, group, unavailable, tile, unit, rows)
+    n_scored = scored_products(products, unavailable)
+    rows = customers_as_rows(trained.model, n_scored, device)
+    mine = rank_customers(customers, group, agreed_customers_per_unit(group, n_scored, tile, unit, rows))
     ranking = model_ranking(trained, mine, products, top_n=top_n, exclude=exclude, unavailable=unavailable,
                             dtype=dtype, rerank=rerank, pairs_per_tile=tile)
     Path(parts_dir).mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,15 @@ import pytest
 
 from feedpipe.process_group import split_range
 from feedpipe.ranking import model_ranking
-from feedpipe.scoring import DEFAULT_PAIRS_PER_TILE, customers_as_rows, default_pairs_per_tile, tile_shape
-from feedpipe.sharded_scoring import customer_range, customers_per_unit
+from feedpipe.scoring import (
+    AMX_BF16_PAIRS_PER_TILE,
+    DEFAULT_PAIRS_PER_TILE,
+    DEFAULT_PAIRS_PER_UNIT,
+    customers_as_rows,
+    default_pairs_per_tile,
+    tile_shape,
+)
+from feedpipe.sharded_scoring import agreed_customers_per_unit, customer_range, customers_per_unit, rank_customers
 from feedpipe.training import TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
 from feedpipe.training_examples import purchased_pairs
 from feedpipe.vocabularies import Vocabularies
@@ -17,7 +24,7 @@ from feedpipe_tests.distributed_fixtures import read_summary, run_ranks, write_d
 @pytest.fixture(scope="module")
 def scoring_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist_score")
-    # 2,000 products: the scorer's unit is a few hundred customers (524 at its current defaults), so
+    # 2,000 products: the scorer's unit is a few hundred customers (512 at its current defaults), so
     # 1,200 customers are enough for both ranks to get whole units (see the test below).
     paths = write_demo_inputs(d, customers=1200, products=2000, seed=4)
     vocab = Vocabularies.load(paths["vocabularies"])
@@ -56,6 +63,36 @@ def test_rank_ranges_are_whole_scorer_units_and_cover_every_customer(rows):
     assert [customer_range(10, 2000, 3, r, customer_rows=rows) for r in range(3)] == [(0, 10), (10, 10), (10, 10)]
 
 
+class _PeerGroup:
+    """A rank of a group whose `min` sees every rank's value, as the gloo all-reduce does."""
+
+    def __init__(self, rank: int, values: list[int]) -> None:
+        self.rank, self.world_size, self._values = rank, len(values), values
+
+    def min(self, value: int) -> int:
+        assert value == self._values[self.rank]
+        return min(self._values)
+
+
+def test_ranks_on_hosts_with_different_tiles_still_cover_every_customer_once():
+    """bf16 tiles are 4x larger where the CPU has AMX, and so is the unit a tile's customers make."""
+    customers = pl.DataFrame({"customer_id": [f"c{i}" for i in range(25_000)]})
+    n_products = 2000
+    tiles = [AMX_BF16_PAIRS_PER_TILE, DEFAULT_PAIRS_PER_TILE]  # rank 0 has AMX, rank 1 has not
+    own = [customers_per_unit(n_products, t, DEFAULT_PAIRS_PER_UNIT, customer_rows=True) for t in tiles]
+    assert own[0] != own[1]
+    # Each rank cutting its own unit would score some customers twice (or never):
+    mine = [customer_range(customers.height, n_products, 2, r, t, customer_rows=True) for r, t in enumerate(tiles)]
+    assert mine[0][1] != mine[1][0]
+    parts = []
+    for rank, tile in enumerate(tiles):
+        group = _PeerGroup(rank, own)
+        per_unit = agreed_customers_per_unit(group, n_products, tile, DEFAULT_PAIRS_PER_UNIT, True)
+        parts.append(rank_customers(customers, group, per_unit))
+    assert all(p.height for p in parts)
+    assert pl.concat(parts).equals(customers)
+
+
 def test_two_rank_scoring_merges_to_the_one_process_ranking_row_for_row(scoring_inputs):
     d, paths, trained, customers, exclude = scoring_inputs
     products = pl.read_parquet(paths["products"])
@@ -79,11 +116,12 @@ def test_bf16_rerank_split_at_rank_ranges_equals_one_process(scoring_inputs):
     _, paths, trained, customers, exclude = scoring_inputs
     products = pl.read_parquet(paths["products"])
     tile = default_pairs_per_tile(torch.device("cpu"), torch.bfloat16)
+    rows = customers_as_rows(trained.model, products.height, torch.device("cpu"))
     kw = dict(top_n=25, exclude=exclude, dtype=torch.bfloat16, rerank=True)
     expected = model_ranking(trained, customers, products, **kw)
     parts = []
     for rank in range(3):
-        start, stop = customer_range(customers.height, products.height, 3, rank, tile, customer_rows=True)
+        start, stop = customer_range(customers.height, products.height, 3, rank, tile, customer_rows=rows)
         parts.append(model_ranking(trained, customers.slice(start, stop - start), products, **kw))
     assert sum(p.height > 0 for p in parts) >= 2  # the split happened
     assert pl.concat(parts).equals(expected)

@@ -41,9 +41,10 @@ def test_every_pair_logit_equals_the_forward_pass(customer_dense, product_dense,
     model, customers, products = _random_case(7, 40, 90, customer_dense, product_dense, over_arch)
     ref = _all_pairs_forward(model, customers, products)
     # Products as rows: 200 pairs per tile is 2 customers x 90 products, 50 one customer x product chunks
-    # of 50 (and a rest of 40). Customers as rows: 200 and 50 are all 40 customers x one product; 1030 is
-    # 257 customers x chunks of 4 products (and a rest of 2).
-    for tile in (200, 50, 1030):
+    # of 50 (and a rest of 40), 30 one customer x 3 chunks of 30. Customers as rows: 200 and 50 are all 40
+    # customers x one product, 30 two tiles of customers (30 and 10) x one product, 1030 all 40 customers
+    # x chunks of 4 products (and a rest of 2).
+    for tile in (200, 50, 30, 1030):
         got = pair_logits(model, customers, products, torch.arange(40), pairs_per_tile=tile,
                           layout_customer_rows=customer_rows)
         assert (got - ref).abs().max().item() <= 1e-5
@@ -55,7 +56,7 @@ def test_customers_are_rows_on_a_cpu_while_the_catalogues_columns_fit_the_memory
     assert scoring.customers_as_rows(model, 50, cpu) and scoring.plan_scoring(model, products).customer_rows
     # K'_c: 4 customer vectors (the dense output, c.id, c.seg, c.hist) x 8 + their 6 dots = 38
     k = scoring.customer_row_width(model, cpu)
-    assert k == model.num_customer_vectors * 8 + model.num_customer_vectors * (model.num_customer_vectors - 1) // 2
+    assert model.num_customer_vectors == 4 and k == 38
     monkeypatch.setattr(scoring, "PRODUCT_COLUMNS_MAX_BYTES", 50 * 32 * k * 4 - 1)  # one byte short for 50 products
     assert not scoring.customers_as_rows(model, 50, cpu) and scoring.customers_as_rows(model, 49, cpu)
     plan = scoring.plan_scoring(model, products)
@@ -65,11 +66,14 @@ def test_customers_are_rows_on_a_cpu_while_the_catalogues_columns_fit_the_memory
     assert not scoring.customers_as_rows(model, 50, torch.device("meta"))  # a GPU keeps its measured layout
 
 
-def test_the_generic_kernel_path_is_exact_too(monkeypatch):
+@pytest.mark.parametrize("customer_rows", [False, True])  # products as rows on F.linear is what a GPU runs
+def test_the_generic_kernel_path_is_exact_too(monkeypatch, customer_rows):
     """Where oneDNN is absent (a GPU, another build) the scorer runs on F.linear."""
     monkeypatch.setattr(scoring, "onednn_available", lambda device: False)
     model, customers, products = _random_case(3, 30, 50, 2, 1)
-    got = pair_logits(model, customers, products, torch.arange(30), pairs_per_tile=128)
+    assert not scoring.plan_scoring(model, products, customer_rows=customer_rows).onednn
+    got = pair_logits(model, customers, products, torch.arange(30), pairs_per_tile=128,
+                      layout_customer_rows=customer_rows)
     assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
 
 
