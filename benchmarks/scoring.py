@@ -377,7 +377,7 @@ def main() -> None:
     n_pairs = args.customers * args.products
     naive_rows = torch.arange(min(args.naive_customers, args.customers), device=device)
     # the scorer's layout (no product is unavailable here)
-    customer_rows = {"auto": customers_as_rows(model, args.products, device), "customer-rows": True,
+    customer_rows = {"auto": customers_as_rows(model, args.products, device, chosen.dtype), "customer-rows": True,
                      "product-rows": False}[args.layout]
 
     log(f"{args.customers} x {args.products} = {n_pairs:,} pairs, {args.dtype}, {workers} workers, "

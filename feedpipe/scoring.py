@@ -22,7 +22,8 @@ matrix-vector product whose bias is added to the N kept scores only.
 
 The split is symmetric, and the side with the narrower E' should be the GEMM's rows: the first layer's
 work per pair is K. At the defaults customers have 4 vectors and 6 same-side dots (K = 64 + 6 = 70)
-against the products' 90, so on a CPU the scorer normally runs the mirror image ("customer rows"):
+against the products' 90, so on a CPU the scorer normally runs the mirror image ("customer rows"; not
+for bf16 on AMX, whose K-blocks of 32 make 70 cost what 90 does: `customers_as_rows`):
 
     x[c, (p, h)] = relu(E'_c . U'_ph + bias_ph)                                       [B, Pc*H]
     E'_c  = [vec(E_c), same-side dots of c]                                 once per customer
@@ -279,9 +280,19 @@ def customer_row_width(model: TwoSidedDLRM, device: torch.device) -> int:
     return k + -k % k_alignment(device)
 
 
-def customers_as_rows(model: TwoSidedDLRM, num_scored: int, device: torch.device) -> bool:
+def customers_as_rows(model: TwoSidedDLRM, num_scored: int, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> bool:
     """The layout `plan_scoring` picks by default: customers as rows on a CPU whenever the catalogue's
-    U' fits PRODUCT_COLUMNS_MAX_BYTES in fp32 (module docstring)."""
+    U' fits PRODUCT_COLUMNS_MAX_BYTES in fp32 (module docstring), except for bf16 on AMX.
+
+    AMX multiplies in K-blocks of 32 bf16 values, so K' = 70 costs what 90 does and the mirror layout
+    saves nothing per pair; its 1024-customer tiles then lose to the products-as-rows tiles' M of the
+    whole catalogue. Side by side on the 2-core Xeon (session 5, bf16, pairs/s customer rows /
+    product rows): 10k x 2k 1.02 (0.99-1.07), 10k x 4k 0.98, 2k x 10k 0.75, 20k x 10k 0.72.
+    In fp32 the narrower K wins there too: 10k x 2k 1.15, 2k x 10k 1.08.
+    """
+    if dtype != torch.float32 and device.type == "cpu" and has_amx():
+        return False
     hidden = model.shape.over_arch_layers[0]
     fits = num_scored * hidden * customer_row_width(model, device) * 4 <= PRODUCT_COLUMNS_MAX_BYTES
     return device.type == "cpu" and fits
@@ -347,7 +358,7 @@ def plan_scoring(
     pp_dots = _same_side_dots(v, f.pp_pairs)
     e = torch.cat([v.flatten(1), pp_dots], dim=1)  # flatten: P' may be 0
     if customer_rows is None:
-        customer_rows = customers_as_rows(model, product_rows.numel(), device)
+        customer_rows = customers_as_rows(model, product_rows.numel(), device, dtype)
     w_pp = f.w_pp
     pad = -e.shape[1] % k_alignment(device)
     if pad:  # zero columns in E' and in U' (through W_pp, U's last block): the same products, aligned rows

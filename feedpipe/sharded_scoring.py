@@ -108,7 +108,7 @@ def score_rank_part(
     # what the scorer will use
     tile, unit = default_pairs_per_tile(device, dtype), default_pairs_per_unit(device)
     n_scored = scored_products(products, unavailable)
-    rows = customers_as_rows(trained.model, n_scored, device)
+    rows = customers_as_rows(trained.model, n_scored, device, dtype)
     mine = rank_customers(customers, group, agreed_customers_per_unit(group, n_scored, tile, unit, rows))
     ranking = model_ranking(trained, mine, products, top_n=top_n, exclude=exclude, unavailable=unavailable,
                             dtype=dtype, rerank=rerank, pairs_per_tile=tile)

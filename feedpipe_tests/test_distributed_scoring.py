@@ -116,7 +116,7 @@ def test_bf16_rerank_split_at_rank_ranges_equals_one_process(scoring_inputs):
     _, paths, trained, customers, exclude = scoring_inputs
     products = pl.read_parquet(paths["products"])
     tile = default_pairs_per_tile(torch.device("cpu"), torch.bfloat16)
-    rows = customers_as_rows(trained.model, products.height, torch.device("cpu"))
+    rows = customers_as_rows(trained.model, products.height, torch.device("cpu"), torch.bfloat16)
     kw = dict(top_n=25, exclude=exclude, dtype=torch.bfloat16, rerank=True)
     expected = model_ranking(trained, customers, products, **kw)
     parts = []

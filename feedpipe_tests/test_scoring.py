@@ -66,6 +66,17 @@ def test_customers_are_rows_on_a_cpu_while_the_catalogues_columns_fit_the_memory
     assert not scoring.customers_as_rows(model, 50, torch.device("meta"))  # a GPU keeps its measured layout
 
 
+def test_bf16_on_amx_keeps_products_as_rows(monkeypatch):
+    model, customers, products = _random_case(8, 30, 50, 2, 1)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    monkeypatch.setattr(scoring, "has_amx", lambda: True)
+    assert scoring.customers_as_rows(model, 50, cpu) and not scoring.customers_as_rows(model, 50, cpu, bf16)
+    assert not scoring.plan_scoring(model, products, dtype=bf16).customer_rows
+    assert scoring.plan_scoring(model, products).customer_rows
+    monkeypatch.setattr(scoring, "has_amx", lambda: False)
+    assert scoring.plan_scoring(model, products, dtype=bf16).customer_rows
+
+
 @pytest.mark.parametrize("customer_rows", [False, True])  # products as rows on F.linear is what a GPU runs
 def test_the_generic_kernel_path_is_exact_too(monkeypatch, customer_rows):
     """Where oneDNN is absent (a GPU, another build) the scorer runs on F.linear."""
