@@ -63,7 +63,8 @@ run() {
   local bench="python3 benchmarks/scoring.py --device cuda"
   if [ "$what" = scoring ]; then  # the scorer alone: profiles and tile sizes
     step score_bf16_profile 75 $bench --dtype bf16 --repeats 5 --profile
-    # customers as rows (the CPU layout since session 4; not yet measured on a GPU)
+    # customers as rows (the CPU layout since session 4; not yet measured on a GPU; since session 5 a
+    # 512k-pair tile in that layout is 1024 customers x 512 products, where it was 256 x 2048)
     step score_bf16_customer_rows 60 $bench --dtype bf16 --repeats 5 --layout customer-rows --profile
     step score_bf16_tile256k 60 $bench --dtype bf16 --repeats 5 --pairs-per-tile 262144
     step score_bf16_tile512k 60 $bench --dtype bf16 --repeats 5 --pairs-per-tile 524288 --profile

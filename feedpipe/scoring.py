@@ -85,7 +85,9 @@ AMX_BF16_PAIRS_PER_TILE = 1 << 15
 # 1.28e9 at 256k, 1.35e9 at 1M and 1.34e9 at 2M: smaller tiles cost more launches, larger ones
 # slower GEMMs (cuBLAS picks worse kernels for the very wide first layer). benchmarks/README.md, "GPU".
 GPU_PAIRS_PER_TILE = 1 << 19
-# One worker's unit of customers: 0.05-0.2 s of work, small enough that workers finish together.
+# One worker's unit of customers: 0.05-0.2 s of work, small enough that workers finish together. A unit
+# is also a whole number of tiles, so with customers as rows and more than ~1k products it is one tile of
+# customers (512 in fp32): 15M pairs, 2-5 s, at the 29k products where that layout stops.
 DEFAULT_PAIRS_PER_UNIT = 1 << 20
 # On a GPU each unit starts with a few host syncs (its customers' bag sizes) that leave the GPU idle
 # while the CPU queues the unit's work: units of 64M pairs (tens of ms of GPU work) make those rare.
@@ -108,18 +110,19 @@ def rerank_candidates(k: int) -> int:
 # Customers as rows needs the catalogue's U' in memory: P' x H x K' values, 72 MB in fp32 for 2k
 # products at the defaults and 1.8 GB for 50k. Above this products are the rows (module docstring).
 PRODUCT_COLUMNS_MAX_BYTES = 1 << 30
-# With customers as rows, a tile is pairs_per_tile / 16 customers (the first GEMM's M), within these
-# bounds, x the rest in products. On the 2-core Xeon with AMX, whole scorer at 10k x 2k (session 5):
-# bf16 32k-pair tiles 15.96M pairs/s at M = 256, 20.52M at 512, 22.18M at 1024, 20.07M at 2048 (oneDNN
-# repacks each tile's U' chunk for AMX, and a larger M spreads that over more rows); fp32 8k-pair tiles
-# 6.22M at 256, 6.41-6.80M at 512, 6.75-6.90M at 1024, 5.98M at 2048. On the EPYC without AMX, M =
-# 128-1024 ran alike (bf16 first layer 10.5-11.2M, fp32 4.9-5.6M) and M = 32-64 lost 10-20%.
+# With customers as rows, a tile is `row_tile_customers` customers (the first GEMM's M) x the rest of
+# the tile in products (at least one product, so a catalogue narrower than that gets more customers).
+# On the 2-core Xeon with AMX, whole scorer at 10k x 2k with the layout forced (session 5): bf16
+# 32k-pair tiles 15.96M pairs/s at M = 256, 20.52M at 512, 22.18M at 1024, 20.07M at 2048; fp32 8k-pair
+# tiles 6.22M at 256, 6.41-6.80M at 512, 6.75-6.90M at 1024, 5.98M at 2048. On the EPYC without AMX,
+# M = 128-1024 ran alike (bf16 first layer 10.5-11.2M, fp32 4.9-5.6M) and M = 32-64 lost 10-20%.
 ROW_TILE_MIN_CUSTOMERS = 256
 ROW_TILE_MAX_CUSTOMERS = 1024
 
 
 def row_tile_customers(pairs_per_tile: int) -> int:
-    """Customers per tile with customers as rows: 512 for the CPU's 8k-pair tiles, 1024 for AMX's 32k."""
+    """Customers per tile with customers as rows: pairs_per_tile / 16 within 256-1024 (512 for the CPU's
+    8k-pair tiles, 1024 for 32k-pair bf16 tiles on AMX where that layout is forced)."""
     return min(ROW_TILE_MAX_CUSTOMERS, max(ROW_TILE_MIN_CUSTOMERS, pairs_per_tile // 16))
 
 # Customers whose U' is built at once, right before their tiles: 1.5 MiB of U' in bf16, 3 MiB in

@@ -6,8 +6,9 @@ and rank 0 concatenates the parts in rank order: the merged frame is the one-pro
 bit (tested). That needs the ranges to start on the scorer's work-unit boundaries: the scorer runs
 its GEMMs per unit of customers, and oneDNN's blocking over a unit's rows makes a score depend in
 its last bit on where the customer sits in the unit (measured: 3 of 7,475 scores moved by 3e-8
-with ranges cut elsewhere). A unit is a fraction of a second of work, so whole units balance ranks
-well enough.
+with ranges cut elsewhere). A unit is a fraction of a second of work (a few seconds for catalogues near
+the customer-rows layout's 29k-product limit, where a unit is one tile of 512 customers), so whole
+units balance ranks well enough once each rank has several.
 
 Ranks do not talk while scoring (each holds the whole model, which is small next to the pairs): they
 agree once on the unit size before it and wait at a barrier before the merge, so a rank on a slower

@@ -4,6 +4,7 @@ import polars as pl
 import torch
 import pytest
 
+from feedpipe import scoring, sharded_scoring
 from feedpipe.process_group import split_range
 from feedpipe.ranking import model_ranking
 from feedpipe.scoring import (
@@ -14,7 +15,14 @@ from feedpipe.scoring import (
     default_pairs_per_tile,
     tile_shape,
 )
-from feedpipe.sharded_scoring import agreed_customers_per_unit, customer_range, customers_per_unit, rank_customers
+from feedpipe.sharded_scoring import (
+    agreed_customers_per_unit,
+    customer_range,
+    customers_per_unit,
+    part_path,
+    rank_customers,
+    score_rank_part,
+)
 from feedpipe.training import TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
 from feedpipe.training_examples import purchased_pairs
 from feedpipe.vocabularies import Vocabularies
@@ -74,21 +82,41 @@ class _PeerGroup:
         return min(self._values)
 
 
+# bf16 on two hosts: (tile, customers as rows) as `default_pairs_per_tile` and `customers_as_rows`
+# choose them with AMX (32k tiles, products as rows) and without (8k tiles, customers as rows).
+BF16_HOSTS = [(AMX_BF16_PAIRS_PER_TILE, False), (DEFAULT_PAIRS_PER_TILE, True)]
+
+
 def test_ranks_on_hosts_with_different_tiles_still_cover_every_customer_once():
-    """bf16 tiles are 4x larger where the CPU has AMX, and so is the unit a tile's customers make."""
     customers = pl.DataFrame({"customer_id": [f"c{i}" for i in range(25_000)]})
-    n_products = 2000
-    tiles = [AMX_BF16_PAIRS_PER_TILE, DEFAULT_PAIRS_PER_TILE]  # rank 0 has AMX, rank 1 has not
-    own = [customers_per_unit(n_products, t, DEFAULT_PAIRS_PER_UNIT, customer_rows=True) for t in tiles]
-    assert own[0] != own[1]
+    n_products = 3000
+    own = [customers_per_unit(n_products, t, DEFAULT_PAIRS_PER_UNIT, rows) for t, rows in BF16_HOSTS]
+    assert own == [340, 512]
     # Each rank cutting its own unit would score some customers twice (or never):
-    mine = [customer_range(customers.height, n_products, 2, r, t, customer_rows=True) for r, t in enumerate(tiles)]
+    mine = [customer_range(customers.height, n_products, 2, r, t, customer_rows=rows)
+            for r, (t, rows) in enumerate(BF16_HOSTS)]
     assert mine[0][1] != mine[1][0]
     parts = []
-    for rank, tile in enumerate(tiles):
+    for rank, (tile, rows) in enumerate(BF16_HOSTS):
         group = _PeerGroup(rank, own)
-        per_unit = agreed_customers_per_unit(group, n_products, tile, DEFAULT_PAIRS_PER_UNIT, True)
+        per_unit = agreed_customers_per_unit(group, n_products, tile, DEFAULT_PAIRS_PER_UNIT, rows)
         parts.append(rank_customers(customers, group, per_unit))
+    assert all(p.height for p in parts)
+    assert pl.concat(parts).equals(customers)
+
+
+def test_score_rank_part_cuts_its_range_from_the_unit_the_ranks_agree_on(scoring_inputs, monkeypatch, tmp_path):
+    """Each rank's real choice of tile and layout (AMX or not patched in), the scoring itself stubbed out."""
+    _, paths, trained, customers, _ = scoring_inputs
+    products = pl.read_parquet(paths["products"]).head(1500)
+    own = [customers_per_unit(products.height, t, DEFAULT_PAIRS_PER_UNIT, rows) for t, rows in BF16_HOSTS]
+    assert own[0] != own[1]
+    monkeypatch.setattr(sharded_scoring, "model_ranking", lambda trained, mine, products, **kw: mine)
+    for rank, amx in enumerate((True, False)):
+        monkeypatch.setattr(scoring, "has_amx", lambda amx=amx: amx)
+        score_rank_part(trained, customers, products, _PeerGroup(rank, own), tmp_path, top_n=5,
+                        dtype=torch.bfloat16)
+    parts = [pl.read_parquet(part_path(tmp_path, r)) for r in range(2)]
     assert all(p.height for p in parts)
     assert pl.concat(parts).equals(customers)
 

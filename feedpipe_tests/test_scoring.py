@@ -67,7 +67,7 @@ def test_customers_are_rows_on_a_cpu_while_the_catalogues_columns_fit_the_memory
 
 
 def test_bf16_on_amx_keeps_products_as_rows(monkeypatch):
-    model, customers, products = _random_case(8, 30, 50, 2, 1)
+    model, _, products = _random_case(8, 30, 50, 2, 1)
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
     monkeypatch.setattr(scoring, "has_amx", lambda: True)
     assert scoring.customers_as_rows(model, 50, cpu) and not scoring.customers_as_rows(model, 50, cpu, bf16)
@@ -75,6 +75,16 @@ def test_bf16_on_amx_keeps_products_as_rows(monkeypatch):
     assert scoring.plan_scoring(model, products).customer_rows
     monkeypatch.setattr(scoring, "has_amx", lambda: False)
     assert scoring.plan_scoring(model, products, dtype=bf16).customer_rows
+
+
+def test_tile_shapes_of_the_default_tiles():
+    """(customers, products) per tile: customer rows take pairs_per_tile / 16 customers within 256-1024."""
+    assert scoring.tile_shape(2000, 8192, customer_rows=True) == (512, 16)
+    assert scoring.tile_shape(2000, 32768, customer_rows=True) == (1024, 32)
+    assert scoring.tile_shape(2000, 1 << 19, customer_rows=True) == (1024, 512)
+    assert scoring.tile_shape(2000, 2048, customer_rows=True) == (256, 8)
+    assert scoring.tile_shape(10, 32768, customer_rows=True) == (3276, 10)  # a narrow catalogue: more customers
+    assert scoring.tile_shape(2000, 32768) == (16, 2000) and scoring.tile_shape(50000, 8192) == (1, 8192)
 
 
 @pytest.mark.parametrize("customer_rows", [False, True])  # products as rows on F.linear is what a GPU runs
