@@ -116,7 +116,7 @@ def _failure_messages(result) -> list[str]:
 
 def cmd_run(args) -> int:
     url = prepare_environment()
-    feed_date = date.fromisoformat(args.date) if args.date else date.today()
+    feed_date = args.date or date.today()
     data_dir = Path(args.data).resolve() if args.data else _demo_directory(feed_date)
     if not data_dir.is_dir():
         print(f"feedpipe: data directory {data_dir} does not exist", file=sys.stderr)
@@ -276,15 +276,39 @@ def cmd_ui(args) -> int:
     return 0  # unreachable
 
 
+# Argument types: argparse turns their ArgumentTypeError into a usage line and exit status 2, not a traceback.
+def _iso_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date YYYY-MM-DD: {text!r}") from None
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="feedpipe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo-data", help="write a synthetic retail data set in the input contract")
     d.add_argument("dir")
-    d.add_argument("--customers", type=int, default=10_000)
-    d.add_argument("--products", type=int, default=2_000)
-    d.add_argument("--days", type=int, default=90)
+    d.add_argument("--customers", type=_positive_int, default=10_000)
+    d.add_argument("--products", type=_positive_int, default=2_000)
+    d.add_argument("--days", type=_positive_int, default=90)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     d.set_defaults(func=cmd_demo_data)
@@ -296,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="materialize the whole graph for one feed date through the Dagster instance")
     r.add_argument("--data", help="input directory (default: demo data under .feedpipe/demo)")
-    r.add_argument("--date", help="feed date YYYY-MM-DD (default: today)")
-    r.add_argument("--config", help=f"YAML overriding feature roles, delimiter, excluded columns (default: DIR/{DATA_DIR_CONFIG} if present)")
-    r.add_argument("--run-config", help="YAML of Dagster run config, e.g. ops: {dlrm_model: {config: {epochs: 3}}}")
+    r.add_argument("--date", type=_iso_date, help="feed date YYYY-MM-DD (default: today)")
+    r.add_argument("--config", type=_existing_file, help=f"YAML overriding feature roles, delimiter, excluded columns (default: DIR/{DATA_DIR_CONFIG} if present)")
+    r.add_argument("--run-config", type=_existing_file, help="YAML of Dagster run config, e.g. ops: {dlrm_model: {config: {epochs: 3}}}")
     r.set_defaults(func=cmd_run)
 
     f = sub.add_parser("feed", help="print one customer's current feed")

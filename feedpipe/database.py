@@ -33,8 +33,12 @@ PGDATA_DIR = "pgdata"
 _DEFAULT_PORT = 5432
 _REDACTED = "***"
 _URL_SCHEME = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.IGNORECASE)
-_QUERY_PASSWORD = re.compile(r"(^|&)(password=)[^&]*", re.IGNORECASE)
-_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# Every libpq parameter that holds a secret ends in "password" (password, sslpassword).
+_QUERY_PASSWORD = re.compile(r"(^|&)(\w*password=)[^&]*", re.IGNORECASE)
+# A quoted value, or everything up to the next "key=": in a DSN that does not parse, an unquoted space
+# may sit inside the password.
+_KEYWORD_PASSWORD = re.compile(r"(\b\w*password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+(?:\s+(?!\w+\s*=)\S+)*)",
+                               re.IGNORECASE)
 
 
 class DatabaseError(RuntimeError):
@@ -153,17 +157,26 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
     Any failure to connect raises `DatabaseError` naming the redacted URL. The original exception is not chained:
     a traceback printer or Dagster's error serializer must never have a path to the password.
     """
-    password = ""
     try:
         params = conninfo_to_dict(url)
-        password = params.get("password") or ""
+    except psycopg.Error:
+        # libpq's parse errors quote the offending text, which may be the password itself (a '%' that is
+        # not percent-encoded, an unquoted space): say what to check instead of repeating it.
+        message = (f"could not connect to {redact_url(url)}: the database URL does not parse (special "
+                   "characters in a password must be percent-encoded, e.g. % as %25)")
+        raise DatabaseError(message, url) from None
+    secrets = [v for k, v in params.items() if k.endswith("password") and v]
+    try:
         kwargs.setdefault("application_name", "feedpipe")
+        # The feed's binary COPY sends ids as UTF-8 bytes; a LATIN1 database's default client encoding
+        # would store them garbled.
+        kwargs.setdefault("client_encoding", "utf8")
         if "connect_timeout" not in params:
             kwargs.setdefault("connect_timeout", 10)
         return psycopg.connect(url, **kwargs)
     except psycopg.Error as exc:
         detail = _KEYWORD_PASSWORD.sub(rf"\g<1>{_REDACTED}", str(exc).strip())
-        if password:
-            detail = detail.replace(password, _REDACTED)
+        for secret in secrets:
+            detail = detail.replace(secret, _REDACTED)
         message = f"could not connect to {redact_url(url)}: {detail}"
     raise DatabaseError(message, url) from None

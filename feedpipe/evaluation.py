@@ -39,9 +39,13 @@ def evaluation_customers(train_pairs: pl.DataFrame, holdout: pl.DataFrame) -> pl
     )
 
 
-# Candidates a ranking did not place get this score: below every ranked item, so torchmetrics
-# counts them as relevant-but-missed (recall and NDCG need every relevant item in the group).
+# Candidates a ranking did not place get _UNRANKED: below every ranked item, so torchmetrics counts
+# them as relevant-but-missed (recall and NDCG need every relevant item in the group). Each group also
+# gets k non-relevant fillers scored between the two, so a customer with fewer than k ranked products
+# (or none) still has k candidates above the unranked ones: torchmetrics takes each group's top k by
+# score, and without the fillers an unranked relevant product would enter it and count as a hit.
 _UNRANKED = -1e9
+_FILLER = -1e8
 
 
 def ranking_metrics(ranking: pl.DataFrame, holdout: pl.DataFrame, k: int, catalogue_size: int | None = None) -> dict:
@@ -53,13 +57,25 @@ def ranking_metrics(ranking: pl.DataFrame, holdout: pl.DataFrame, k: int, catalo
     import torch
     from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP, RetrievalNormalizedDCG, RetrievalRecall
 
+    if holdout.is_empty():
+        nan = float("nan")
+        return {"recall": nan, "ndcg": nan, "map": nan, "hit_rate": nan, "customers": 0,
+                **({"coverage": nan} if catalogue_size else {})}
     truth = holdout.select(CUSTOMER_ID, PRODUCT_ID).unique().with_columns(pl.lit(True).alias("relevant"))
     top = ranking.filter(pl.col(RANK) <= k).select(CUSTOMER_ID, PRODUCT_ID, (-pl.col(RANK).cast(pl.Float64)).alias("pred"))
     top = top.join(truth.select(CUSTOMER_ID), on=CUSTOMER_ID, how="semi")
-    groups = (
+    candidates = (
         top.join(truth, on=[CUSTOMER_ID, PRODUCT_ID], how="full", coalesce=True)
         .with_columns(pl.col("pred").fill_null(_UNRANKED), pl.col("relevant").fill_null(False))
-        .with_columns(pl.col(CUSTOMER_ID).rank("dense").cast(pl.Int64).alias("group"))
+        .select(CUSTOMER_ID, "pred", "relevant")
+    )
+    fillers = (
+        truth.select(CUSTOMER_ID).unique()
+        .join(pl.DataFrame({"filler": range(k)}), how="cross")
+        .select(CUSTOMER_ID, pl.lit(_FILLER).alias("pred"), pl.lit(False).alias("relevant"))
+    )
+    groups = pl.concat([candidates, fillers]).with_columns(
+        pl.col(CUSTOMER_ID).rank("dense").cast(pl.Int64).alias("group")
     )
     preds = torch.from_numpy(groups.get_column("pred").to_numpy().copy())
     target = torch.from_numpy(groups.get_column("relevant").to_numpy().copy())

@@ -41,6 +41,15 @@ def current_version(conn: psycopg.Connection) -> dict | None:
         return cur.fetchone()
 
 
+def version_rows(conn: psycopg.Connection, version: int) -> int:
+    """Rows in a published version's table, counted in the database."""
+    found = conn.execute(sql.SQL("SELECT table_name FROM {} WHERE version = %s").format(qualified(VERSIONS_TABLE)),
+                         [version]).fetchone()
+    if found is None:
+        raise LookupError(f"no feed version {version}")
+    return int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(qualified(found[0]))).fetchone()[0])
+
+
 def read_feed(conn: psycopg.Connection, customer_id: str, limit: int | None = None) -> list[tuple[str, int, float]]:
     """One customer's served feed as (product_id, rank, score), best first: the query the index is built for."""
     query = sql.SQL("SELECT product_id, rank, score FROM {} WHERE customer_id = %s ORDER BY rank").format(

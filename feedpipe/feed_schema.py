@@ -176,7 +176,11 @@ def init_schema(conn: psycopg.Connection) -> list[str]:
     """
     with conn.transaction(), conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK_KEY])
-        cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
+        # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists, which a
+        # least-privilege role that owns the schema lacks: look first.
+        cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [SCHEMA])
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
         cur.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"

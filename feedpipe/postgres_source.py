@@ -15,8 +15,8 @@ session is read-only, so a configured query cannot write (a data-modifying CTE f
 
 Types: integers -> int64, float4/float8 -> float64, numeric -> float8 (cast in SQL), text types -> string, bool,
 date, timestamp (naive) and timestamptz (UTC), arrays of those -> lists; anything else (uuid, json, enums, ...) is
-cast to text in SQL. A value psycopg cannot represent (a timestamp of 'infinity') fails the export with the column
-named.
+cast to text in SQL. A date or timestamp of 'infinity' or '-infinity', which Python's types cannot hold, is exported
+as empty, so a transaction whose `ts` is infinite is rejected as `missing_ts` rather than stopping the load.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def relation(spec: PostgresTableSource) -> sql.Composable:
     """What to select from: the quoted (schema.)table, or the configured query as a subquery."""
     if spec.query is not None:
         # The query is SQL by design (written by whoever owns the config); it runs in a read-only session.
-        return sql.SQL("({}) AS source").format(sql.SQL(spec.query.strip().rstrip(";")))
+        # The newline ends a trailing "-- comment", which would otherwise swallow the closing parenthesis.
+        return sql.SQL("({}\n) AS source").format(sql.SQL(spec.query.strip().rstrip(";")))
     if spec.schema is not None:
         return sql.Identifier(spec.schema, spec.table)
     return sql.Identifier(spec.table)
@@ -149,16 +150,20 @@ def _describe(conn: psycopg.Connection, spec: PostgresTableSource) -> list[_Colu
     return columns
 
 
+def _exported(c: _Column) -> sql.Composable:
+    """The select expression of a column: cast where _CASTS says; an infinite date or timestamp (which
+    Python's types cannot hold, so psycopg refuses the whole fetch) as NULL, so that one such row is set
+    aside like any empty value (a transaction's `ts` as missing_ts) instead of stopping the load."""
+    if c.cast:  # c.cast comes from _CASTS only
+        return sql.SQL("{}::{}").format(sql.Identifier(c.source), sql.SQL(c.cast))
+    if pa.types.is_date(c.arrow_type) or pa.types.is_timestamp(c.arrow_type):
+        return sql.SQL("CASE WHEN isfinite({0}) THEN {0} END").format(sql.Identifier(c.source))
+    return sql.Identifier(c.source)
+
+
 def _stream(conn: psycopg.Connection, spec: PostgresTableSource, columns: list[_Column], path: Path,
             chunk_rows: int, progress: Callable[[int, int], None] | None) -> tuple[int, int]:
-    select = sql.SQL(", ").join(
-        sql.SQL("{}{} AS {}").format(
-            sql.Identifier(c.source),
-            sql.SQL("::{}").format(sql.SQL(c.cast)) if c.cast else sql.SQL(""),  # c.cast comes from _CASTS only
-            sql.Identifier(c.name),
-        )
-        for c in columns
-    )
+    select = sql.SQL(", ").join(sql.SQL("{} AS {}").format(_exported(c), sql.Identifier(c.name)) for c in columns)
     schema = pa.schema([(c.name, c.arrow_type) for c in columns])
     rows = chunks = 0
     with conn.cursor(name="feedpipe_export") as cur, pq.ParquetWriter(path, schema) as writer:

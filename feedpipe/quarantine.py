@@ -30,6 +30,7 @@ INTERNAL_COLUMNS = (ROW, REASON, COLUMN)
 REASONS: dict[str, str] = {
     "invalid_utf8": "are not valid UTF-8",
     "missing_id": "have no id (null or empty)",
+    "nul_in_id": "have a NUL character in an id (PostgreSQL text cannot hold one)",
     "text_too_long": "are absurdly long",
     "missing_ts": "have no timestamp",
     "invalid_ts": "are not a timestamp",

@@ -234,6 +234,8 @@ def _id_rejections(typed: pl.DataFrame, column: str, policy: RejectionPolicy) ->
     ids = typed.get_column(column)
     return [
         Rejection("missing_id", column, ids.is_null() | (ids == ""), "an id"),
+        # PostgreSQL text cannot hold NUL: such an id would pass here and fail the publish at the end of the run.
+        Rejection("nul_in_id", column, ids.str.contains("\x00", literal=True), "an id without NUL characters"),
         Rejection("text_too_long", column, ids.str.len_chars() > policy.max_id_chars,
                   f"an id of at most {policy.max_id_chars} characters"),
     ]

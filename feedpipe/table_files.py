@@ -200,10 +200,32 @@ def _as_stored(stored: StoredTable, schema: pl.Schema, table: pa.Table | pa.Reco
     return RawTable(stored, schema, frame, invalid, offset)
 
 
+def _ends_inside_quotes(path: Path, block: int = 1 << 24) -> bool:
+    """Whether the file ends inside a quoted value: no final newline and an odd number of '"' in all.
+
+    pyarrow reads an unclosed quote at the end of the file as a complete value, so a file cut off inside
+    its last quoted field would load with that field shortened. Escaped quotes ("") come in pairs, so the
+    parity is the quoting state at the end. Only a file without a final newline pays for the count.
+    """
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return False
+        f.seek(-1, 2)
+        if f.read(1) in (b"\n", b"\r"):
+            return False
+        f.seek(0)
+        quotes = 0
+        while chunk := f.read(block):
+            quotes += chunk.count(b'"')
+    return quotes % 2 == 1
+
+
 def _read_csv(stored: StoredTable, schema: pl.Schema, columns: list[str], use_threads: bool = True) -> pa.Table:
     # pyarrow rather than polars for CSV: polars pads a row with too few fields with nulls, so a file cut off mid-row
     # loads silently; pyarrow reports such rows. Cells are read as bytes so that one cell that is not UTF-8 is a
     # rejected row rather than an unreadable file.
+    if use_threads and _ends_inside_quotes(stored.path):
+        raise InputError(f"{stored}: the file ends inside a quoted value (a '\"' is never closed): a truncated file?")
     try:
         table, invalid = _parse_csv(stored.path, schema, columns, use_threads)
     except pa.ArrowInvalid:

@@ -39,6 +39,21 @@ def test_redact_url_hides_every_password_form():
     assert redact_url("postgresql://u@h/db?password=pw&x=1") == "postgresql://u@h/db?password=***&x=1"
     assert redact_url("host=h password='a b' user=u") == "host=h password=*** user=u"
     assert redact_url("postgresql://postgres@/postgres?host=/tmp/s") == "postgresql://postgres@/postgres?host=/tmp/s"
+    assert redact_url("postgresql://u@h/db?sslpassword=keypass") == "postgresql://u@h/db?sslpassword=***"
+    assert redact_url("host=h password=two words sslpassword=k user=u") == "host=h password=*** sslpassword=*** user=u"
+
+
+@pytest.mark.parametrize("url, secrets", [
+    ("postgresql://feeder:Sup3r%Secret@127.0.0.1:{port}/feeds", ["Sup3r", "Secret"]),  # '%' not percent-encoded
+    ("host=127.0.0.1 port={port} user=feeder password=two words", ["two", "words"]),  # unquoted space
+    ("postgresql://feeder@127.0.0.1:{port}/feeds?sslpassword=Key-s3cret&password=pw-s3cret", ["s3cret"]),
+])
+def test_a_url_that_does_not_parse_or_carries_other_secrets_never_shows_them(url, secrets):
+    with pytest.raises(DatabaseError) as caught:
+        connect(url.format(port=_closed_port()), connect_timeout=2)
+    rendered = f"{caught.value!s} {caught.value.url}"
+    assert "could not connect to" in rendered
+    assert not [s for s in secrets if s in rendered], rendered
 
 
 def test_sqlalchemy_url_uses_psycopg2_and_keeps_the_rest():

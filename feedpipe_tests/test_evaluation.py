@@ -1,3 +1,5 @@
+import math
+
 import polars as pl
 import pytest
 
@@ -48,6 +50,21 @@ def test_model_ranking_applies_exclusions_and_ranks_from_one():
     assert all(int(p[1:]) % 3 == 0 for p in c0)
     scores = ranking.filter(pl.col("customer_id") == "c0").sort("rank").get_column("score").to_list()
     assert scores == sorted(scores, reverse=True)
+
+
+def test_products_a_ranking_never_placed_are_never_hits():
+    """Fewer than k ranked products (or none) must not let the unranked relevant ones into the top k."""
+    from feedpipe.evaluation import ranking_metrics
+
+    holdout = pl.DataFrame({"customer_id": ["a", "b", "c"], "product_id": ["q", "q", "x"]})
+    ranking = _ranking([("a", "x", 1), ("c", "x", 1)])  # a: one wrong product; b: nothing ranked; c: a hit
+    m = ranking_metrics(ranking, holdout, k=3)
+    assert m["recall"] == pytest.approx(1 / 3) and m["hit_rate"] == pytest.approx(1 / 3)
+    assert m["map"] == pytest.approx(1 / 3) and m["ndcg"] == pytest.approx(1 / 3)
+    assert m["recall"] == pytest.approx(recall_at_k(ranking, holdout, 3))
+    empty = ranking_metrics(ranking.clear(), holdout, k=3)
+    assert empty["recall"] == 0 and empty["hit_rate"] == 0 and empty["ndcg"] == 0
+    assert math.isnan(ranking_metrics(ranking, holdout.clear(), k=3)["recall"])
 
 
 def test_ranking_metrics_match_a_hand_computed_case():

@@ -226,6 +226,27 @@ def test_a_configured_query_runs_read_only(source_db, tmp_path):
     assert canary_rows(source_db) == 3
 
 
+def test_an_infinite_timestamp_is_one_rejected_row_not_a_failed_load(source_db, tmp_path):
+    with connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE sales.orders_inf AS SELECT * FROM sales.orders")
+        conn.execute("INSERT INTO sales.orders_inf SELECT cust_no, sku, 'infinity', qty FROM sales.orders LIMIT 1")
+    columns = {CUSTOMER_ID: "cust_no", PRODUCT_ID: "sku", TS: "ordered_at", QUANTITY: "qty"}
+    tx = load_all(InputConfig(postgres=source(transactions=PostgresTableSource(
+        table="orders_inf", schema="sales", columns=columns))), tmp_path).transactions
+    plain = load_all(InputConfig(postgres=source()), tmp_path / "plain").transactions
+    assert tx.received == plain.received + 1
+    assert tx.counts_by_reason()["missing_ts"] == plain.counts_by_reason().get("missing_ts", 0) + 1
+
+
+def test_a_query_ending_in_a_comment_loads(source_db, tmp_path):
+    commented = PostgresTableSource(query="select id as customer_id, age, region, signup from crm_customers "
+                                          "where active order by id -- the live ones")
+    tables = load_all(InputConfig(postgres=source(customers=commented)), tmp_path)
+    expected = load_all(InputConfig(postgres=source()), tmp_path / "plain")
+    assert tables.customers.accepted.equals(expected.customers.accepted)
+    assert tables.customers.accepted.height > 0
+
+
 def test_missing_table_and_missing_url_variable_are_clear_errors(source_db, tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r'postgres table sales\.nope: cannot read it: relation "sales.nope" does not exist'):
         load_all(InputConfig(postgres=source(products=PostgresTableSource(table="nope", schema="sales"))), tmp_path)

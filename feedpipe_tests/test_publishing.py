@@ -16,7 +16,7 @@ from psycopg.conninfo import make_conninfo
 
 from feedpipe.copy_binary import FeedArrays, encode_copy_rows
 from feedpipe.database import connect
-from feedpipe.feed_queries import current_version, list_versions, read_feed
+from feedpipe.feed_queries import current_version, list_versions, read_feed, version_rows
 from feedpipe.feed_schema import FEED_COLUMNS, MIGRATIONS, init_schema
 from feedpipe.publishing import PUBLISH_LOCK_KEY, PublishError, PublishLockTimeout, publish_feed
 
@@ -337,6 +337,57 @@ def test_second_publish_waits_for_the_lock_then_fails_naming_the_holder(pg_url):
     result = publish_feed(pg_url, grid_feed(3, 2), feed_date=DAY, model_version="m1")  # holder gone: lock free
     with connect(pg_url) as conn:
         assert [v["version"] for v in list_versions(conn)] == [result.version]  # the refused one left no row
+
+
+def test_version_rows_counts_what_the_database_holds(pg_url):
+    result = publish_feed(pg_url, grid_feed(4, 3), feed_date=DAY, model_version="m")
+    with connect(pg_url) as conn:
+        assert version_rows(conn, result.version) == 12
+        conn.execute(f"DELETE FROM {result.table_name} WHERE rank = 1")
+        assert version_rows(conn, result.version) == 8
+        with pytest.raises(LookupError):
+            version_rows(conn, result.version + 1)
+
+
+def test_non_ascii_ids_round_trip_on_a_latin1_database(pg_url):
+    dbname = f"feedpipe_latin1_{uuid.uuid4().hex[:8]}"
+    with connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+                     .format(sql.Identifier(dbname)))
+    url = make_conninfo(pg_url, dbname=dbname)
+    try:
+        feed = FeedArrays(customer_id=pa.array(["café"]), product_id=pa.array(["crème"]),
+                          rank=np.array([1], np.int32), score=np.array([0.5], np.float32))
+        publish_feed(url, feed, feed_date=DAY, model_version="m")
+        with connect(url) as conn:
+            assert read_feed(conn, "café") == [("crème", 1, 0.5)]
+            assert conn.execute("SELECT length(customer_id) FROM feedpipe.current_feed").fetchone()[0] == 4
+    finally:
+        with connect(pg_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+
+def test_a_role_owning_the_schema_publishes_without_create_on_the_database(pg_url):
+    publish_feed(pg_url, grid_feed(2, 2), feed_date=DAY, model_version="m0")  # the schema and reader role exist
+    role = f"feedpipe_owner_{uuid.uuid4().hex[:8]}"
+    owned = ("SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+             "WHERE n.nspname = 'feedpipe' AND c.relkind IN ('r', 'v', 'S')")
+    kinds = {"r": "TABLE", "v": "VIEW", "S": "SEQUENCE"}
+    with connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))  # no CREATE on the database
+        conn.execute(sql.SQL("ALTER SCHEMA feedpipe OWNER TO {}").format(sql.Identifier(role)))
+        for name, kind in conn.execute(owned).fetchall():
+            conn.execute(sql.SQL("ALTER {} feedpipe.{} OWNER TO {}").format(
+                sql.SQL(kinds[kind]), sql.Identifier(name), sql.Identifier(role)))
+    try:
+        result = publish_feed(make_conninfo(pg_url, user=role), grid_feed(2, 2, tag="-v1"), feed_date=DAY,
+                              model_version="m1")
+        with connect(pg_url) as conn:
+            assert current_version(conn)["version"] == result.version
+    finally:
+        with connect(pg_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 def test_bad_columns_are_reported_by_name_and_first_rows():

@@ -142,3 +142,15 @@ def test_ranked_feed_resource_config_metadata_and_failures_never_show_the_passwo
     captured = capfd.readouterr()
     assert_no_password(repr(metadata), *events, caplog.text, captured.out, captured.err)
     assert ":***@127.0.0.1" in failure.to_string()  # the operator still learns which server failed
+
+
+def test_a_named_database_variable_that_is_unset_fails_instead_of_falling_back(monkeypatch):
+    from feedpipe.defs.resources import DatabaseResource
+
+    monkeypatch.setenv(DATABASE_URL_ENV, "postgresql://u@staging-db/feeds")
+    monkeypatch.delenv("SHOP_FEED_DB_URL", raising=False)
+    with pytest.raises(dg.Failure, match="SHOP_FEED_DB_URL"):
+        DatabaseResource(url_env_var="SHOP_FEED_DB_URL").url()
+    monkeypatch.setenv("SHOP_FEED_DB_URL", "postgresql://u@prod-db/feeds")
+    assert DatabaseResource(url_env_var="SHOP_FEED_DB_URL").url() == "postgresql://u@prod-db/feeds"
+    assert DatabaseResource().url() == "postgresql://u@staging-db/feeds"

@@ -19,7 +19,8 @@ class EvaluationConfig(dg.Config):
     max_customers: int = Field(default=3000, description="Evaluated customers (a deterministic sample above this).")
     lightgbm: bool = Field(default=True, description="Train and rank with the LightGBM baseline.")
     min_margin_over_popularity: float = Field(
-        default=0.0, description="Blocking gate: DLRM recall@K must exceed popularity's by at least this much."
+        default=0.0, description="Blocking gate: DLRM recall@K must exceed popularity's by more than this "
+        "(at the default 0 a tie fails: a model that only matches popularity is not worth publishing)."
     )
 
 
@@ -74,7 +75,7 @@ def model_evaluation(
         },
     )
     margin = dlrm["recall"] - pop["recall"]
-    passed = margin >= config.min_margin_over_popularity
+    passed = margin > config.min_margin_over_popularity  # NaN (no evaluated customers) fails too
     yield dg.AssetCheckResult(
         check_name="beats_popularity",
         passed=bool(passed),

@@ -13,7 +13,7 @@ import dagster as dg
 from pydantic import Field
 import torch
 
-from feedpipe.database import feedpipe_home, redact_url, resolve_database_url
+from feedpipe.database import DATABASE_URL_ENV, feedpipe_home, redact_url, resolve_database_url
 from feedpipe.input_config import InputConfig, load_input_config
 
 
@@ -45,14 +45,19 @@ class ArtifactsResource(dg.ConfigurableResource):
 
 
 class DatabaseResource(dg.ConfigurableResource):
-    """The feed database. URL from the environment variable named here, else the embedded server."""
+    """The feed database. URL from the environment variable named here; with the default variable unset,
+    the embedded server. A variable the deployment named on purpose must be set: falling back to another
+    database would publish the feed where nobody reads it and report success."""
 
-    url_env_var: str = "FEEDPIPE_DATABASE_URL"
+    url_env_var: str = DATABASE_URL_ENV
 
     def url(self) -> str:
         env = dict(os.environ)
-        if self.url_env_var != "FEEDPIPE_DATABASE_URL" and env.get(self.url_env_var):
-            env["FEEDPIPE_DATABASE_URL"] = env[self.url_env_var]
+        if self.url_env_var != DATABASE_URL_ENV:
+            if not env.get(self.url_env_var):
+                raise dg.Failure(f"the database resource's url_env_var names {self.url_env_var}, which is not set "
+                                 "in this process's environment; set it to the feed database's URL")
+            env[DATABASE_URL_ENV] = env[self.url_env_var]
         return resolve_database_url(env)
 
     def redacted_url(self) -> str:

@@ -157,6 +157,10 @@ CASES: list[Case] = [
     Case("csv_cut_off_mid_row", "csv",
          then(with_set("csv"), tx_csv(TX_HEADER, [*base_tx_lines(), "c1,p2"])),
          Fatal("transactions.csv", None, r"line 14: 2 fields")),
+    Case("csv_cut_off_inside_a_quoted_last_value", "csv",  # '"12"' cut to '"1': parses, as the wrong quantity
+         then(with_set("csv"), lambda d: write_bytes(d, "transactions.csv", "\n".join([TX_HEADER, *base_tx_lines()])
+                                                     + '\n"c1","p2","2024-02-03","1')),
+         Fatal("transactions.csv", None, r"ends inside a quoted value")),
     Case("header_only_transactions", "csv", then(with_set("csv"), tx_csv(TX_HEADER, [])),
          Fatal("transactions.csv", None, r"no data rows")),
     Case("zero_byte_customers", "csv", then(with_set("csv"), lambda d: write_bytes(d, "customers.csv", b"")),
@@ -213,6 +217,10 @@ CASES: list[Case] = [
          with_set("parquet", customers=lambda: pl.concat([customers(), pl.DataFrame({CUSTOMER_ID: [None], "age": [40], "region": ["x"]})],
                                                          how="vertical_relaxed")),
          Accepted({CUSTOMERS: {"missing_id": 1}})),
+    Case("nul_in_ids_parquet", "parquet",
+         with_set("parquet", customers=lambda: set_cell(customers(), 0, CUSTOMER_ID, "c\x001"),
+                  transactions=lambda: set_cell(transactions(), 5, PRODUCT_ID, "p\x00")),
+         Accepted({CUSTOMERS: {"nul_in_id": 1}, TRANSACTIONS: {"nul_in_id": 1, "unknown_customer": 2}})),
     Case("unknown_customer_and_product", "csv",
          with_set("csv", transactions=lambda: set_cell(set_cell(set_cell(transactions(), 0, CUSTOMER_ID, "c99"), 1, CUSTOMER_ID, "c99"),
                                                        2, PRODUCT_ID, "p99")),
