@@ -13,7 +13,7 @@ Safety: schema, table and column names from the config are validated (`check_ide
 `psycopg.sql.Identifier`, never as text; a source column the config names must exist in the described result. The
 session is read-only, so a configured query cannot write (a data-modifying CTE fails).
 
-Types: integers -> int64, float4/float8 -> float64, numeric -> float8 (cast in SQL), text types -> string, bool,
+Types: integers -> int64, float4/float8 -> float64, numeric -> float8 (cast in SQL; an id column's numeric -> text), text types -> string, bool,
 date, timestamp (naive) and timestamptz (UTC), arrays of those -> lists; anything else (uuid, json, enums, ...) is
 cast to text in SQL. A date or timestamp of 'infinity' or '-infinity', which Python's types cannot hold, is exported
 as empty, so a transaction whose `ts` is infinite is rejected as `missing_ts` rather than stopping the load.
@@ -138,7 +138,11 @@ def _describe(conn: psycopg.Connection, spec: PostgresTableSource) -> list[_Colu
     for source, oid in described:
         type_name = type_names.get(oid, "")
         element = type_name[1:] if type_name.startswith("_") else None
-        if type_name in _CASTS:
+        name = renamed.get(source, source)
+        if name in (contract.CUSTOMER_ID, contract.PRODUCT_ID) and type_name == "numeric":
+            # A numeric(12,0) id is an id, not a measurement: as float8 it would fail as "holds Float64".
+            cast, arrow_type = "text", pa.string()
+        elif type_name in _CASTS:
             cast, arrow_type = _CASTS[type_name]
         elif type_name in _SCALAR_TYPES:
             cast, arrow_type = None, _SCALAR_TYPES[type_name]
@@ -146,7 +150,7 @@ def _describe(conn: psycopg.Connection, spec: PostgresTableSource) -> list[_Colu
             cast, arrow_type = None, pa.list_(_SCALAR_TYPES[element])
         else:
             cast, arrow_type = "text", pa.string()
-        columns.append(_Column(source, renamed.get(source, source), cast, arrow_type))
+        columns.append(_Column(source, name, cast, arrow_type))
     return columns
 
 

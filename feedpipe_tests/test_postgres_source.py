@@ -238,6 +238,16 @@ def test_an_infinite_timestamp_is_one_rejected_row_not_a_failed_load(source_db, 
     assert tx.counts_by_reason()["missing_ts"] == plain.counts_by_reason().get("missing_ts", 0) + 1
 
 
+def test_a_numeric_id_column_loads_as_text_ids(source_db, tmp_path):
+    numeric = PostgresTableSource(query="select id::numeric(12, 0) as customer_id, age, region, signup "
+                                        "from crm_customers where active order by id")
+    tables = load_all(InputConfig(postgres=source(customers=numeric)), tmp_path)
+    expected = load_all(InputConfig(postgres=source()), tmp_path / "plain")
+    ids = tables.customers.accepted.get_column(CUSTOMER_ID)
+    assert ids.dtype == pl.Utf8 and ids.to_list() == expected.customers.accepted.get_column(CUSTOMER_ID).cast(pl.Utf8).to_list()
+    assert tables.transactions.accepted.height == expected.transactions.accepted.height
+
+
 def test_a_query_ending_in_a_comment_loads(source_db, tmp_path):
     commented = PostgresTableSource(query="select id as customer_id, age, region, signup from crm_customers "
                                           "where active order by id -- the live ones")
