@@ -139,7 +139,7 @@ def _describe(conn: psycopg.Connection, spec: PostgresTableSource) -> list[_Colu
         type_name = type_names.get(oid, "")
         element = type_name[1:] if type_name.startswith("_") else None
         name = renamed.get(source, source)
-        if name in (contract.CUSTOMER_ID, contract.PRODUCT_ID) and type_name == "numeric":
+        if name in contract.ID_COLUMN.values() and type_name == "numeric":
             # A numeric(12,0) id is an id, not a measurement: as float8 it would fail as "holds Float64".
             cast, arrow_type = "text", pa.string()
         elif type_name in _CASTS:

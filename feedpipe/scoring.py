@@ -294,11 +294,10 @@ def customers_as_rows(model: TwoSidedDLRM, num_scored: int, device: torch.device
     product rows): 10k x 2k 1.02 (0.99-1.07), 10k x 4k 0.98, 2k x 10k 0.75, 20k x 10k 0.72.
     In fp32 the narrower K wins there too: 10k x 2k 1.15, 2k x 10k 1.08.
     """
-    if dtype != torch.float32 and device.type == "cpu" and has_amx():
+    if device.type != "cpu" or (dtype != torch.float32 and has_amx()):
         return False
     hidden = model.shape.over_arch_layers[0]
-    fits = num_scored * hidden * customer_row_width(model, device) * 4 <= PRODUCT_COLUMNS_MAX_BYTES
-    return device.type == "cpu" and fits
+    return num_scored * hidden * customer_row_width(model, device) * 4 <= PRODUCT_COLUMNS_MAX_BYTES
 
 
 # Products whose T (below) is computed at once: 2 MiB of fp32, still in cache when copied into U'.

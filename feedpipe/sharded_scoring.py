@@ -73,9 +73,8 @@ def agreed_customers_per_unit(group: RankGroup, num_scored_products: int, pairs_
                               pairs_per_unit: int, customer_rows: bool) -> int:
     """The unit every rank cuts its range from: the smallest of the ranks' own.
 
-    Hosts may differ (a bf16 tile is 4x larger where the CPU has AMX, and with fewer products than a
-    tile's column chunk that changes the unit), and ranges cut from different units would overlap or
-    leave customers out. Where all ranks agree, as on identical hosts, this is each one's own unit and
+    Hosts may differ (with AMX a bf16 tile is 4x larger and products are its rows, so the unit differs
+    too), and ranges cut from different units would overlap or leave customers out. Where all ranks agree, as on identical hosts, this is each one's own unit and
     the merged ranking equals one process's to the bit.
     """
     return group.min(customers_per_unit(num_scored_products, pairs_per_tile, pairs_per_unit, customer_rows))

@@ -149,6 +149,9 @@ def read_columns(stored: StoredTable, schema: pl.Schema, columns: list[str]) -> 
     """The named columns as stored (CSV: all text, empty cells as ""), invalid UTF-8 cells marked, not fatal."""
     try:
         if stored.is_csv:
+            if _ends_inside_quotes(stored.path):
+                raise InputError(f"{stored}: the file ends inside a quoted value (a '\"' is never closed): "
+                                 "a truncated file?")
             table = _read_csv(stored, schema, columns)
         else:
             table = pl.scan_parquet(stored.path).select(columns).collect().to_arrow()
@@ -224,8 +227,6 @@ def _read_csv(stored: StoredTable, schema: pl.Schema, columns: list[str], use_th
     # pyarrow rather than polars for CSV: polars pads a row with too few fields with nulls, so a file cut off mid-row
     # loads silently; pyarrow reports such rows. Cells are read as bytes so that one cell that is not UTF-8 is a
     # rejected row rather than an unreadable file.
-    if use_threads and _ends_inside_quotes(stored.path):
-        raise InputError(f"{stored}: the file ends inside a quoted value (a '\"' is never closed): a truncated file?")
     try:
         table, invalid = _parse_csv(stored.path, schema, columns, use_threads)
     except pa.ArrowInvalid:

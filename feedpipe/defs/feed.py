@@ -6,12 +6,12 @@ from pydantic import Field
 import polars as pl
 
 from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
+from feedpipe.database import connect
 from feedpipe.defs.ingest import feed_date_of
 from feedpipe.defs.launchers import GPU_STEP_TAGS, LauncherResource
 from feedpipe.defs.metadata import frame_metadata
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ComputeResource, DatabaseResource
-from feedpipe.database import connect
 from feedpipe.feed_queries import version_rows
 from feedpipe.publishing import FeedArrays, publish_feed
 from feedpipe.ranking import RANK, SCORE, model_ranking, top_k_overlap
