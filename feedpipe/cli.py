@@ -15,6 +15,7 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
+from feedpipe.contract import utc_today
 from feedpipe.database import DatabaseError, connect, feedpipe_home, redact_url, resolve_database_url, sqlalchemy_psycopg2_url
 
 from feedpipe.demo_data import INPUT_CONFIG_FILE
@@ -116,7 +117,7 @@ def _failure_messages(result) -> list[str]:
 
 def cmd_run(args) -> int:
     url = prepare_environment()
-    feed_date = args.date or date.today()
+    feed_date = args.date or utc_today()
     data_dir = Path(args.data).resolve() if args.data else _demo_directory(feed_date)
     if not data_dir.is_dir():
         print(f"feedpipe: data directory {data_dir} does not exist", file=sys.stderr)
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="materialize the whole graph for one feed date through the Dagster instance")
     r.add_argument("--data", help="input directory (default: demo data under .feedpipe/demo)")
-    r.add_argument("--date", type=_iso_date, help="feed date YYYY-MM-DD (default: today)")
+    r.add_argument("--date", type=_iso_date, help="feed date YYYY-MM-DD (default: today in UTC, as the partitions count days)")
     r.add_argument("--config", type=_existing_file, help=f"YAML overriding feature roles, delimiter, excluded columns (default: DIR/{DATA_DIR_CONFIG} if present)")
     r.add_argument("--run-config", type=_existing_file, help="YAML of Dagster run config, e.g. ops: {dlrm_model: {config: {epochs: 3}}}")
     r.set_defaults(func=cmd_run)

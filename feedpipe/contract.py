@@ -6,6 +6,8 @@ After loading, ids are always text (`pl.Utf8`) exactly as they came in, so a fee
 
 from __future__ import annotations
 
+from datetime import date, datetime, timezone
+
 TRANSACTIONS = "transactions"
 CUSTOMERS = "customers"
 PRODUCTS = "products"
@@ -38,3 +40,10 @@ DEFAULT_DELIMITER = "|"
 
 # The generator's truth file beside a demo data set; the pipeline never reads it for training.
 TRUTH_FILE = "truth.parquet"
+
+
+def utc_today(now: datetime | None = None) -> date:
+    """Today's feed date. Feed dates are UTC days, as the partitions and the nightly schedule count them:
+    a default taken from the host's local clock would name yesterday's or tomorrow's partition near midnight."""
+    now = now or datetime.now(timezone.utc)
+    return now.astimezone(timezone.utc).date()

@@ -48,6 +48,7 @@ from feedpipe.contract import (
     TRANSACTIONS,
     TRUTH_FILE,
     TS,
+    utc_today,
 )
 
 SUMMARY_FILE = "demo.json"
@@ -165,7 +166,7 @@ def generate_demo_data(
     if transactions_per_customer <= 0:
         raise ValueError(f"transactions_per_customer must be positive, got {transactions_per_customer}")
 
-    end = end_date if end_date is not None else date.today() - timedelta(days=1)
+    end = end_date if end_date is not None else utc_today() - timedelta(days=1)
     start = end - timedelta(days=days - 1)
     directory = Path(out_dir).resolve()
     directory.mkdir(parents=True, exist_ok=True)

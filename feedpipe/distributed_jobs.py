@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, fields
@@ -136,6 +137,7 @@ def run_scoring(args, group: RankGroup, log) -> dict:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m feedpipe.distributed_jobs", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--errors", default="", help="directory where a failing rank writes rank-<N>.txt with its error")
     sub = p.add_subparsers(dest="job", required=True)
     t = sub.add_parser("train", help="train the DLRM; rank 0 saves the checkpoint to --out")
     t.add_argument("--examples", required=True, help="training_examples Parquet (split column train/validation)")
@@ -171,9 +173,24 @@ def _reporting(group: RankGroup):
         yield (lambda msg: None), (lambda _summary: None)
 
 
+def write_rank_error(errors_dir: str, rank: int, error: BaseException) -> None:
+    """The error's one-line form in errors_dir/rank-<rank>.txt: the launcher raises it as the asset's failure,
+    where Pipes alone would say only that the process exited with a code."""
+    if not errors_dir:
+        return
+    text = str(error.code) if isinstance(error, SystemExit) else f"{type(error).__name__}: {error}"
+    with contextlib.suppress(OSError):
+        Path(errors_dir).mkdir(parents=True, exist_ok=True)
+        (Path(errors_dir) / f"rank-{rank}.txt").write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    group = join_process_group(args.device)
+    try:
+        group = join_process_group(args.device)
+    except BaseException as e:
+        write_rank_error(args.errors, int(os.environ.get("RANK", "0")), e)
+        raise
     try:
         with _reporting(group) as (log, report):
             log(f"rank 0 of {group.world_size} ({group.backend}, {group.device}): {args.job}")
@@ -185,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                     json.dumps(summary, indent=2, default=str)
                 )
                 report(summary)
+    except BaseException as e:
+        if not (isinstance(e, SystemExit) and e.code in (0, None)):
+            write_rank_error(args.errors, group.rank, e)
+        raise
     finally:
         leave_process_group(group)
     return 0

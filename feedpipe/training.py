@@ -55,6 +55,34 @@ class TrainConfig:
     # Intra-op threads while training on CPU; 0 picks by the over arch's width (`training_threads`).
     cpu_threads: int = 0
 
+    def __post_init__(self):
+        """Refuse settings that would crash mid-training or, worse, ship an untrained model."""
+        problems = []
+        for name in ("embedding_dim", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("dense_arch_layers", "over_arch_layers"):
+            layers = getattr(self, name)
+            if not layers or any(w < 1 for w in layers):
+                problems.append(f"{name} must be one or more widths >= 1, got {list(layers)}")
+        if self.dense_arch_layers and self.dense_arch_layers[-1] != self.embedding_dim:
+            problems.append(f"dense_arch_layers must end in embedding_dim ({self.embedding_dim}), got {list(self.dense_arch_layers)}")
+        if self.over_arch_layers and self.over_arch_layers[-1] != 1:
+            problems.append(f"over_arch_layers must end in 1 (a logit), got {list(self.over_arch_layers)}")
+        if self.optimizer not in ("adam", "sgd"):
+            problems.append(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        for name in ("learning_rate", "embedding_learning_rate"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                problems.append(f"{name} must be a number > 0, got {getattr(self, name)}")
+        for name in ("embedding_weight_decay", "dense_weight_decay"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                problems.append(f"{name} must be a number >= 0, got {getattr(self, name)}")
+        for name in ("patience", "cpu_threads"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("training config: " + "; ".join(problems))
+
 
 # The source article's DLRM settings, kept as a preset for comparison.
 ARTICLE_PRESET = TrainConfig(

@@ -29,6 +29,19 @@ class ExampleConfig:
     negatives_per_positive: int = 12
     seed: int = 0
 
+    def __post_init__(self):
+        problems = []
+        if self.validation_days < 1:
+            problems.append(f"validation_days must be >= 1, got {self.validation_days}")
+        if self.window_days <= self.validation_days:
+            problems.append(f"window_days ({self.window_days}) must be more than validation_days "
+                            f"({self.validation_days}): the days before the holdout are the training days")
+        if self.negatives_per_positive < 1:
+            problems.append(f"negatives_per_positive must be >= 1 (the model learns from both labels), "
+                            f"got {self.negatives_per_positive}")
+        if problems:
+            raise ValueError("example config: " + "; ".join(problems))
+
 
 @dataclass(frozen=True)
 class Window:
@@ -42,6 +55,14 @@ class Window:
     def for_feed_date(cls, feed_date: date, config: ExampleConfig) -> "Window":
         end = datetime.combine(feed_date, datetime.min.time())
         return cls(end - timedelta(days=config.window_days), end - timedelta(days=config.validation_days), end)
+
+    @classmethod
+    def last_days(cls, feed_date: date, days: int) -> "Window":
+        """The `days` days before the feed date, all of them training days (no holdout)."""
+        if days < 1:
+            raise ValueError(f"a window needs at least one day, got {days}")
+        end = datetime.combine(feed_date, datetime.min.time())
+        return cls(end - timedelta(days=days), end, end)
 
 
 def window_transactions(transactions: pl.DataFrame, window: Window) -> pl.DataFrame:

@@ -131,6 +131,12 @@ def test_pair_scores_keep_top_n_and_exclude_past_purchases(env):
     meta = _materialization(result, "pair_scores").metadata
     assert meta["dtype"].value == "bf16-rerank" and meta["device"].value == "cpu"  # compute: auto, no GPU here
     assert meta["top20_overlap_bf16-rerank_vs_fp32"].value >= 0.99
+    # The feed's default k (20) is more than the 10 kept: refused instead of a feed silently cut at 10.
+    cut = run(["ranked_feed"], raise_on_error=False)
+    assert not cut.success and not cut.asset_materializations_for_node("ranked_feed")
+    (failure,) = cut.get_step_failure_events()
+    assert "pair_scores kept only its top 10" in failure.step_failure_data.error.message
+    assert run(["ranked_feed"], run_config={"ops": {"ranked_feed": {"config": {"k": 10}}}}).success
 
 
 def test_the_whole_graph_publishes_k_rows_per_customer(env):

@@ -1,4 +1,4 @@
-"""Bad command-line arguments end in a usage message and exit status 2, never a traceback."""
+"""The command line: bad arguments end in a usage message and exit status 2, never a traceback; defaults."""
 
 import pytest
 
@@ -18,3 +18,14 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_default_feed_date_is_the_utc_day_whatever_the_hosts_zone():
+    from datetime import date, datetime, timedelta, timezone
+
+    from feedpipe.contract import utc_today
+
+    new_york_evening = datetime(2026, 11, 28, 21, 30, tzinfo=timezone(timedelta(hours=-5)))  # 02:30 UTC next day
+    assert utc_today(new_york_evening) == date(2026, 11, 29)
+    tokyo_morning = datetime(2026, 11, 28, 7, 0, tzinfo=timezone(timedelta(hours=9)))  # 22:00 UTC the day before
+    assert utc_today(tokyo_morning) == date(2026, 11, 27)

@@ -3,6 +3,7 @@ gloo), report their metadata back to the asset, and give what the in-process ass
 
 import importlib.util
 import json
+import re
 from datetime import date
 
 import dagster as dg
@@ -10,8 +11,10 @@ import pytest
 
 from feedpipe.definitions import build_resources, defs
 from feedpipe.defs.launchers import GPU_STEP_TAGS, LauncherResource, k8s_step_tags
+from feedpipe.defs.resources import ComputeResource
 from feedpipe.demo_data import generate_demo_data
 from feedpipe.ranking import model_ranking
+from feedpipe.training import TrainConfig
 from feedpipe.training_examples import ExampleConfig, Window, purchased_pairs, window_transactions
 
 FEED_DATE = "2026-03-31"
@@ -82,14 +85,18 @@ def test_an_unknown_launcher_mode_fails_with_the_modes_it_knows(tmp_path):
         launcher.resolved_mode()
 
 
-def test_the_kubernetes_pod_asks_for_gpus_mounts_the_artifacts_and_gives_ranks_their_cores(tmp_path):
-    artifacts = build_resources(artifacts_root=str(tmp_path / "artifacts"))["artifacts"]
+def test_the_kubernetes_pod_asks_for_gpus_mounts_the_artifacts_and_gives_ranks_their_cores(tmp_path, monkeypatch):
+    # As in deploy/helm/values.yaml: the claim is mounted at FEEDPIPE_HOME, the artifacts root is home/artifacts.
+    monkeypatch.setenv("FEEDPIPE_HOME", str(tmp_path))
+    monkeypatch.delenv("FEEDPIPE_K8S_ARTIFACTS_MOUNT", raising=False)
+    artifacts = build_resources(artifacts_root="")["artifacts"]
     launcher = LauncherResource(artifacts=artifacts, mode="kubernetes", nproc_per_node=4, gpus_per_pod=4,
                                 cpu_request="32", memory_request="200Gi", artifacts_claim="feedpipe-artifacts")
     spec = launcher.pod_spec()
     (container,) = spec["containers"]
     assert container["resources"]["limits"] == {"memory": "200Gi", "nvidia.com/gpu": "4"}
-    assert {"name": "artifacts", "mountPath": str(tmp_path / "artifacts")} in container["volumeMounts"]
+    # Mounted where the step has the claim, so the absolute scratch paths name the same files in the pod.
+    assert {"name": "artifacts", "mountPath": str(tmp_path)} in container["volumeMounts"]
     assert {"name": "artifacts", "persistentVolumeClaim": {"claimName": "feedpipe-artifacts"}} in spec["volumes"]
     assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert launcher.rank_env_for_pod() == {"OMP_NUM_THREADS": "8"}
@@ -98,8 +105,60 @@ def test_the_kubernetes_pod_asks_for_gpus_mounts_the_artifacts_and_gives_ranks_t
     assert command[-3:] == ["--device", "cuda", "train"]
 
 
+def test_the_pod_mounts_the_claim_where_configured_and_refuses_an_artifacts_root_outside_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEEDPIPE_K8S_ARTIFACTS_MOUNT", str(tmp_path / "shared"))
+    inside = build_resources(artifacts_root=str(tmp_path / "shared" / "feedpipe"))["artifacts"]
+    launcher = LauncherResource(artifacts=inside, mode="kubernetes", artifacts_claim="claim")
+    (container,) = launcher.pod_spec()["containers"]
+    assert {"name": "artifacts", "mountPath": str(tmp_path / "shared")} in container["volumeMounts"]
+    outside = build_resources(artifacts_root=str(tmp_path / "elsewhere"))["artifacts"]
+    with pytest.raises(dg.Failure, match="artifacts_claim_mount"):
+        LauncherResource(artifacts=outside, mode="kubernetes", artifacts_claim="claim").pod_spec()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("dagster_k8s") is not None, reason="dagster-k8s is installed here")
 def test_kubernetes_mode_without_dagster_k8s_names_the_package_to_install(tmp_path):
     launcher = LauncherResource(artifacts=build_resources(artifacts_root=str(tmp_path))["artifacts"], mode="kubernetes")
     with pytest.raises(dg.Failure, match=r"pip install dagster-k8s==0\.29\.27"):
         launcher._run_pod(None, ["train"], "auto")
+
+
+def test_a_failing_rank_fails_the_asset_with_its_error_and_leaves_no_scratch(materialized, tmp_path):
+    _, _, load, root, instance = materialized
+    vocabularies = load("vocabularies")
+    # Examples without their split column: the asset writes them out, the ranks fail reading them.
+    examples = load("training_examples").drop("split")
+    artifacts = build_resources(artifacts_root=str(tmp_path))["artifacts"]
+    launcher = LauncherResource(artifacts=artifacts, mode="torchrun", nproc_per_node=2, threads_per_rank=1)
+
+    @dg.asset
+    def broken_training(context: dg.AssetExecutionContext, launcher: LauncherResource):
+        launcher.train(context, examples, vocabularies, TrainConfig(epochs=1))
+
+    result = dg.materialize([broken_training], resources={"launcher": launcher}, instance=instance,
+                            raise_on_error=False)
+    assert not result.success
+    (failure,) = result.get_step_failure_events()
+    message = failure.step_failure_data.error.message
+    # Both ranks fail reading; torchrun may stop the second before it has written its error.
+    assert re.search(r"train failed on [12] rank\(s\):\nrank [01]: ColumnNotFoundError: .*\"split\"", message)
+    assert "External execution process failed" not in message
+    assert not any((tmp_path / "scratch").rglob("*.parquet"))  # the examples' copy is gone
+
+
+def test_scoring_through_the_launcher_runs_on_the_compute_resources_device(materialized, tmp_path):
+    _, _, load, root, instance = materialized
+    seen = []
+
+    class RecordingLauncher(LauncherResource):
+        def rank(self, context, trained, customers, products, **kwargs):
+            seen.append(kwargs["device"])
+            ranking = model_ranking(trained, customers, products, top_n=kwargs["top_n"], exclude=kwargs["exclude"])
+            return ranking, {"ranks": 2, "scoring_seconds": 1.0}
+
+    resources = build_resources(artifacts_root=str(root / "artifacts"), data_dir=str(root / "data"))
+    resources["launcher"] = RecordingLauncher(artifacts=resources["artifacts"], mode="torchrun")
+    resources["compute"] = ComputeResource(device="cpu")
+    result = dg.materialize(ASSETS, selection=["pair_scores"], partition_key=FEED_DATE, resources=resources,
+                            instance=instance)
+    assert result.success and seen == ["cpu"]

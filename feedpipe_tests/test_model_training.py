@@ -1,4 +1,5 @@
 import math
+import re
 
 import polars as pl
 import pytest
@@ -132,6 +133,30 @@ def test_training_config_presets_fill_unset_fields_and_reject_unknown_names():
     assert article.optimizer == "sgd" and article.epochs == 2
     with pytest.raises(dg.Failure, match="preset"):
         TrainingConfig(preset="nope").core()
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"batch_size": -8}, "batch_size must be >= 1"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a number > 0"),
+        ({"embedding_weight_decay": -1e-3}, "embedding_weight_decay must be a number >= 0"),
+        ({"over_arch_layers": [128, 64]}, "over_arch_layers must end in 1"),
+        ({"dense_arch_layers": [64, 8]}, "dense_arch_layers must end in embedding_dim (16)"),
+        ({"optimizer": "adagrad"}, "optimizer must be 'adam' or 'sgd'"),
+        ({"patience": -1}, "patience must be >= 0"),
+    ],
+)
+def test_a_training_config_that_cannot_train_fails_before_training_and_names_the_field(overrides, named):
+    import dagster as dg
+
+    from feedpipe.defs.modeling import TrainingConfig
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    with pytest.raises(dg.Failure, match=re.escape(named)):  # the Dagster config says the same, as a failure
+        TrainingConfig(**overrides).core()
 
 
 def test_the_article_preset_trains_with_plain_sgd(data):

@@ -1,3 +1,4 @@
+import re
 from datetime import date, datetime
 
 import polars as pl
@@ -68,3 +69,23 @@ def test_sample_negatives_redraws_collisions():
     bought = pl.DataFrame({"customer_id": ["c"], "product_id": ["a"]})
     neg = sample_negatives(positives, bought, pl.Series(["a", "b"]), ratio=2, seed=0)
     assert set(neg.get_column("product_id").to_list()) == {"b"}
+
+
+@pytest.mark.parametrize(
+    "config, named",
+    [
+        ({"window_days": 7, "validation_days": 7}, "window_days (7) must be more than validation_days (7)"),
+        ({"validation_days": 0}, "validation_days must be >= 1"),
+        ({"negatives_per_positive": 0}, "negatives_per_positive must be >= 1"),
+    ],
+)
+def test_an_example_config_without_training_days_or_negatives_is_refused(config, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        ExampleConfig(**config)
+
+
+def test_an_exclusion_window_is_its_days_before_the_feed_date():
+    window = Window.last_days(FEED_DATE, 3)
+    assert (window.start, window.end) == (datetime(2026, 3, 28), datetime(2026, 3, 31))
+    with pytest.raises(ValueError, match="at least one day"):
+        Window.last_days(FEED_DATE, 0)

@@ -17,7 +17,7 @@ from feedpipe.publishing import FeedArrays, publish_feed
 from feedpipe.ranking import RANK, SCORE, model_ranking, top_k_overlap
 from feedpipe.scoring import precision
 from feedpipe.training import TrainedModel
-from feedpipe.training_examples import ExampleConfig, Window, purchased_pairs, window_transactions
+from feedpipe.training_examples import Window, purchased_pairs, window_transactions
 
 
 class ScoringConfig(dg.Config):
@@ -68,13 +68,15 @@ def pair_scores(
 
     In process it scores on the compute resource's device (a GPU when there is one, under `auto`).
     """
-    window = Window.for_feed_date(feed_date_of(context), ExampleConfig(window_days=config.exclude_window_days))
-    in_window = window_transactions(transactions, window)
-    exclude = purchased_pairs(in_window) if config.exclude_purchased else None
+    if config.top_n < 1:
+        raise dg.Failure(f"pair_scores' top_n must be >= 1, got {config.top_n}")
     try:
+        window = Window.last_days(feed_date_of(context), config.exclude_window_days)
         chosen = precision(config.dtype)
     except ValueError as e:
-        raise dg.Failure(str(e)) from None
+        raise dg.Failure(f"pair_scores config: {e}") from None
+    in_window = window_transactions(transactions, window)
+    exclude = purchased_pairs(in_window) if config.exclude_purchased else None
     timings: dict[str, float] = {}
     device = None  # the launcher's ranks pick their own
     if launcher.in_process:
@@ -87,7 +89,8 @@ def pair_scores(
         ranks = 1
     else:  # torchrun or a pod, through Dagster Pipes (feedpipe/defs/launchers.py)
         scores, summary = launcher.rank(
-            context, dlrm_model, customers, products, top_n=config.top_n, exclude=exclude, dtype=config.dtype
+            context, dlrm_model, customers, products, top_n=config.top_n, exclude=exclude, dtype=config.dtype,
+            device=compute.device,
         )
         ranks = summary["ranks"]
         timings = {"scoring_s": summary["scoring_seconds"]}
@@ -114,6 +117,7 @@ def pair_scores(
             device=str(device) if device is not None else "launcher ranks",
             **fidelity,
             ranks=ranks,
+            top_n=config.top_n,  # ranked_feed refuses a k above it
             model_version=dlrm_model.version,
         ),
     )
@@ -123,6 +127,15 @@ def pair_scores(
         passed=missing == 0,
         metadata={"customers_with_history": with_history.height, "missing": missing},
     )
+
+
+def scored_top_n(instance: dg.DagsterInstance, partition_key: str) -> int | None:
+    """pair_scores' top_n for this feed date, from its latest materialization's metadata (None: not recorded)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("pair_scores"), asset_partitions=[partition_key]), limit=1
+    ).records
+    entry = records[0].asset_materialization.metadata.get("top_n") if records else None
+    return int(entry.value) if entry is not None else None
 
 
 @dg.asset(
@@ -139,6 +152,14 @@ def ranked_feed(
     dlrm_model: TrainedModel,
 ) -> dg.MaterializeResult:
     """Top K per customer, COPY'd into a new versioned table and switched into `feedpipe.current_feed` atomically."""
+    if config.k < 1:
+        raise dg.Failure(f"ranked_feed's k must be >= 1, got {config.k}")
+    top_n = scored_top_n(context.instance, context.partition_key)
+    if top_n is not None and config.k > top_n:
+        raise dg.Failure(
+            f"ranked_feed's k is {config.k} but pair_scores kept only its top {top_n} products per customer: "
+            f"the feed would be cut at {top_n}. Raise pair_scores' top_n to at least {config.k}, or lower k."
+        )
     feed = pair_scores.filter(pl.col(RANK) <= config.k).sort(CUSTOMER_ID, RANK)
     result = publish_feed(
         database.url(),

@@ -12,15 +12,17 @@
 Either way rank 0 reports through Pipes: its log lines land in the run's event log and its final
 summary (loss, AUC, samples/s, ranks, ...) becomes the asset's metadata. Inputs and outputs travel
 as files under <artifacts>/scratch/<run id>/ (a shared volume on Kubernetes); the scratch folder
-is removed once the asset has its result.
+is removed afterwards, whether the job worked or not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from feedpipe.database import feedpipe_home
 from feedpipe.defs.resources import ArtifactsResource
 from feedpipe.training import EpochStats, TrainConfig, TrainedModel, TrainResult
 from feedpipe.vocabularies import Vocabularies
@@ -68,6 +71,16 @@ GPU_STEP_TAGS = k8s_step_tags(
 )
 
 
+def rank_failure(job: str, errors: Path, error: Exception) -> str:
+    """The asset's failure message: what the ranks wrote to `errors` (distributed_jobs --errors), lowest
+    rank first, else the launcher's own error (a pod that never started, say)."""
+    reports = sorted(errors.glob("rank-*.txt"), key=lambda p: int(p.stem.removeprefix("rank-"))) if errors.is_dir() else []
+    if not reports:
+        return f"{job} failed: {error}"
+    lines = [f"rank {p.stem.removeprefix('rank-')}: {p.read_text().strip()}" for p in reports]
+    return f"{job} failed on {len(reports)} rank(s):\n" + "\n".join(lines)
+
+
 class LauncherResource(dg.ConfigurableResource):
     """Where dlrm_model trains and pair_scores scores (see module docstring)."""
 
@@ -80,7 +93,8 @@ class LauncherResource(dg.ConfigurableResource):
     gpus_per_pod: int = Field(default=-1, description="kubernetes: nvidia.com/gpu requested by the pod; -1: $FEEDPIPE_K8S_POD_GPUS, else 0.")
     cpu_request: str = Field(default="4", description="kubernetes: CPU request of the pod.")
     memory_request: str = Field(default="16Gi", description="kubernetes: memory request (and limit) of the pod; see deploy/capacity.md.")
-    artifacts_claim: str = Field(default="", description="kubernetes: PersistentVolumeClaim holding the artifacts root, mounted at the same path; empty: $FEEDPIPE_K8S_ARTIFACTS_CLAIM.")
+    artifacts_claim: str = Field(default="", description="kubernetes: PersistentVolumeClaim holding the artifacts root; empty: $FEEDPIPE_K8S_ARTIFACTS_CLAIM.")
+    artifacts_claim_mount: str = Field(default="", description="kubernetes: where this process has that claim mounted; the Pipes pod mounts it at the same path. Empty: $FEEDPIPE_K8S_ARTIFACTS_MOUNT, else the feedpipe home (as in deploy/helm/values.yaml).")
 
     def resolved_mode(self) -> str:
         mode = self.mode or os.environ.get(LAUNCHER_ENV, "") or IN_PROCESS
@@ -107,6 +121,11 @@ class LauncherResource(dg.ConfigurableResource):
         return self.artifacts_claim or os.environ.get("FEEDPIPE_K8S_ARTIFACTS_CLAIM", "")
 
     @property
+    def pod_artifacts_mount(self) -> Path:
+        mount = self.artifacts_claim_mount or os.environ.get("FEEDPIPE_K8S_ARTIFACTS_MOUNT", "")
+        return Path(mount).resolve() if mount else feedpipe_home()
+
+    @property
     def pod_gpus(self) -> int:
         return self.gpus_per_pod if self.gpus_per_pod >= 0 else int(os.environ.get("FEEDPIPE_K8S_POD_GPUS", "0"))
 
@@ -123,20 +142,20 @@ class LauncherResource(dg.ConfigurableResource):
 
         device: the ComputeResource's setting (auto / cpu / cuda[:i]); each rank takes its own GPU.
         """
-        scratch = self._scratch(context)
-        examples.write_parquet(scratch / "examples.parquet")
-        vocabularies.save(scratch / "vocabularies")
-        out = scratch / "model"
-        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-        summary = self._launch(
-            context,
-            ["train", "--examples", str(scratch / "examples.parquet"), "--vocabularies", str(scratch / "vocabularies"),
-             "--out", str(out), "--config", json.dumps(cfg), "--version", context.run_id[:8]],
-            summary_file=out / "summary.json",
-            device=device,
-        )
-        model = TrainedModel.load(out).model
-        shutil.rmtree(scratch, ignore_errors=True)
+        with self._scratch(context) as scratch:
+            examples.write_parquet(scratch / "examples.parquet")
+            vocabularies.save(scratch / "vocabularies")
+            out = scratch / "model"
+            cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+            summary = self._launch(
+                context,
+                ["train", "--examples", str(scratch / "examples.parquet"), "--vocabularies", str(scratch / "vocabularies"),
+                 "--out", str(out), "--config", json.dumps(cfg), "--version", context.run_id[:8]],
+                scratch=scratch,
+                summary_file=out / "summary.json",
+                device=device,
+            )
+            model = TrainedModel.load(out).model
         return TrainResult(
             model=model,
             history=[EpochStats(**h) for h in summary["history"]],
@@ -162,53 +181,71 @@ class LauncherResource(dg.ConfigurableResource):
         device: str = "auto",
     ) -> tuple[pl.DataFrame, dict]:
         """Run `distributed_jobs score`: (the merged ranking, rank 0's summary)."""
-        scratch = self._scratch(context)
-        trained.save(scratch / "model")
-        customers.write_parquet(scratch / "customers.parquet")
-        products.write_parquet(scratch / "products.parquet")
-        args = ["score", "--model", str(scratch / "model"), "--customers", str(scratch / "customers.parquet"),
-                "--products", str(scratch / "products.parquet"), "--out", str(scratch / "ranking.parquet"),
-                "--top-n", str(top_n), "--dtype", dtype]
-        if exclude is not None:
-            exclude.write_parquet(scratch / "exclude.parquet")
-            args += ["--exclude", str(scratch / "exclude.parquet")]
-        if unavailable is not None:
-            unavailable.to_frame().write_parquet(scratch / "unavailable.parquet")
-            args += ["--unavailable", str(scratch / "unavailable.parquet")]
-        summary = self._launch(context, args, summary_file=scratch / "ranking.summary.json", device=device)
-        ranking = pl.read_parquet(scratch / "ranking.parquet")
-        shutil.rmtree(scratch, ignore_errors=True)
+        with self._scratch(context) as scratch:
+            trained.save(scratch / "model")
+            customers.write_parquet(scratch / "customers.parquet")
+            products.write_parquet(scratch / "products.parquet")
+            args = ["score", "--model", str(scratch / "model"), "--customers", str(scratch / "customers.parquet"),
+                    "--products", str(scratch / "products.parquet"), "--out", str(scratch / "ranking.parquet"),
+                    "--top-n", str(top_n), "--dtype", dtype]
+            if exclude is not None:
+                exclude.write_parquet(scratch / "exclude.parquet")
+                args += ["--exclude", str(scratch / "exclude.parquet")]
+            if unavailable is not None:
+                unavailable.to_frame().write_parquet(scratch / "unavailable.parquet")
+                args += ["--unavailable", str(scratch / "unavailable.parquet")]
+            summary = self._launch(
+                context, args, scratch=scratch, summary_file=scratch / "ranking.summary.json", device=device
+            )
+            ranking = pl.read_parquet(scratch / "ranking.parquet")
         return ranking, summary
 
     # -- launching -------------------------------------------------------------------------------
-    def torchrun_command(self, job_args: list[str], device: str = "auto", python: str = sys.executable) -> list[str]:
+    def torchrun_command(
+        self, job_args: list[str], device: str = "auto", python: str = sys.executable, errors: Path | None = None
+    ) -> list[str]:
         rank_device = "cuda" if device.startswith("cuda") else device  # each rank picks cuda:LOCAL_RANK
+        report = ["--errors", str(errors)] if errors is not None else []
         return [
             python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.ranks}",
-            "-m", ENTRY_MODULE, "--device", rank_device, *job_args,
+            "-m", ENTRY_MODULE, "--device", rank_device, *report, *job_args,
         ]
 
     def rank_env(self) -> dict[str, str]:
         threads = self.threads_per_rank or max(1, (os.cpu_count() or 1) // self.ranks)
         return {"OMP_NUM_THREADS": str(threads)}
 
-    def _scratch(self, context: dg.AssetExecutionContext) -> Path:
+    @contextlib.contextmanager
+    def _scratch(self, context: dg.AssetExecutionContext) -> Iterator[Path]:
+        """The job's folder on the shared volume, removed afterwards whether the job worked or not:
+        a failed run must not leave a copy of the training examples behind."""
         d = self.artifacts.path("scratch", context.run_id, context.asset_key.path[-1])
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-        return d
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
-    def _launch(self, context: dg.AssetExecutionContext, job_args: list[str], summary_file: Path, device: str) -> dict:
+    def _launch(
+        self, context: dg.AssetExecutionContext, job_args: list[str], scratch: Path, summary_file: Path, device: str
+    ) -> dict:
         mode = self.resolved_mode()
         context.log.info(f"{job_args[0]}: {mode}, {self.ranks} ranks")
-        if mode == TORCHRUN:
-            invocation = dg.PipesSubprocessClient(env=self.rank_env()).run(
-                context=context, command=self.torchrun_command(job_args, device)
-            )
-        elif mode == KUBERNETES:
-            invocation = self._run_pod(context, job_args, device)
-        else:
-            raise dg.Failure(f"_launch called in mode {mode!r}")
+        errors = scratch / "errors"
+        try:
+            if mode == TORCHRUN:
+                invocation = dg.PipesSubprocessClient(env=self.rank_env()).run(
+                    context=context, command=self.torchrun_command(job_args, device, errors=errors)
+                )
+            elif mode == KUBERNETES:
+                invocation = self._run_pod(context, job_args, device, errors)
+            else:
+                raise dg.Failure(f"_launch called in mode {mode!r}")
+        except dg.Failure:
+            raise
+        except Exception as e:
+            raise dg.Failure(rank_failure(job_args[0], errors, e)) from e
         messages = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and "job" in m]
         if messages:
             return messages[-1]
@@ -217,7 +254,7 @@ class LauncherResource(dg.ConfigurableResource):
             return json.loads(summary_file.read_text())
         raise dg.Failure(f"{job_args[0]} finished without a summary from rank 0 (no Pipes message, no {summary_file})")
 
-    def _run_pod(self, context: dg.AssetExecutionContext, job_args: list[str], device: str):
+    def _run_pod(self, context: dg.AssetExecutionContext, job_args: list[str], device: str, errors: Path | None = None):
         try:
             from dagster_k8s import PipesK8sClient
         except ImportError as e:
@@ -230,7 +267,7 @@ class LauncherResource(dg.ConfigurableResource):
         return PipesK8sClient().run(
             context=context,
             image=self.pod_image,
-            command=self.torchrun_command(job_args, device, python="python"),
+            command=self.torchrun_command(job_args, device, python="python", errors=errors),
             namespace=self.namespace or None,
             env=self.rank_env_for_pod(),
             base_pod_spec=self.pod_spec(),
@@ -254,8 +291,16 @@ class LauncherResource(dg.ConfigurableResource):
         mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]  # NCCL and torch workers use shared memory
         volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
         if self.pod_artifacts_claim:
-            root = str(self.artifacts.path())
-            mounts.append({"name": "artifacts", "mountPath": root})
+            # The claim goes where the asset's process has it, not at the artifacts root: the scratch
+            # paths in the job's arguments are absolute, so both sides must see the same tree.
+            mount, root = self.pod_artifacts_mount, self.artifacts.path().resolve()
+            if not root.is_relative_to(mount):
+                raise dg.Failure(
+                    f"the artifacts root {root} is not under {mount}, where the claim {self.pod_artifacts_claim} is "
+                    "mounted: set the launcher's artifacts_claim_mount (or $FEEDPIPE_K8S_ARTIFACTS_MOUNT) to the "
+                    "claim's mount path in this process"
+                )
+            mounts.append({"name": "artifacts", "mountPath": str(mount)})
             volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": self.pod_artifacts_claim}})
         spec = {
             "containers": [{"resources": resources, "volumeMounts": mounts}],

@@ -31,7 +31,10 @@ class ExamplesConfig(dg.Config):
     seed: int = 0
 
     def core(self) -> ExampleConfig:
-        return ExampleConfig(self.window_days, self.validation_days, self.negatives_per_positive, self.seed)
+        try:
+            return ExampleConfig(self.window_days, self.validation_days, self.negatives_per_positive, self.seed)
+        except ValueError as e:
+            raise dg.Failure(str(e)) from None
 
 
 class TrainingConfig(dg.Config):
@@ -64,7 +67,10 @@ class TrainingConfig(dg.Config):
             for f in fields(TrainConfig)
             if (v := getattr(self, f.name, None)) is not None
         }
-        return replace(presets[self.preset], **overrides)
+        try:
+            return replace(presets[self.preset], **overrides)
+        except ValueError as e:
+            raise dg.Failure(str(e)) from None
 
 
 @dg.asset(partitions_def=feed_date_partitions, group_name="model")
