@@ -61,13 +61,21 @@ class SideTensors:
 
 def gather_bags(values: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The bags of `rows` from a jagged (values [nnz], offsets [N+1]): their values, concatenated, and lengths [B]."""
+    idx, lengths = bag_positions(offsets, rows)
+    return values.index_select(0, idx), lengths
+
+
+def bag_positions(offsets: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the values of the bags of `rows` sit in a jagged with these offsets [N+1], concatenated
+    in the order of `rows`, and the bags' lengths [B]: what `gather_bags` gathers, for any array
+    laid out like the values."""
     starts = offsets.index_select(0, rows)
     lengths = offsets.index_select(0, rows + 1) - starts
     total = int(lengths.sum())
     # Position j of the output takes values[starts[bag(j)] + (j - out_start[bag(j)])].
     out_starts = torch.cumsum(lengths, 0) - lengths
     idx = torch.repeat_interleave(starts - out_starts, lengths, output_size=total)
-    return values.index_select(0, idx + torch.arange(total, device=values.device)), lengths
+    return idx + torch.arange(total, device=offsets.device, dtype=idx.dtype), lengths
 
 
 def _jagged(series: pl.Series, role: str) -> tuple[torch.Tensor, torch.Tensor]:

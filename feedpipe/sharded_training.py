@@ -41,7 +41,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from feedpipe.model import ModelShape, TwoSidedDLRM
 from feedpipe.process_group import RankGroup
 from feedpipe.sources import FeatureSpec
-from feedpipe.training import ExampleTensors, TrainConfig, forward_examples, split_examples
+from feedpipe.training import ExampleTensors, TrainConfig, forward_examples, over_arch_dtype, split_examples
 from feedpipe.training_examples import SPLIT, TRAIN, VALIDATION
 
 # Model parallelism for every table by default, as the DLRM paper does at scale. "data_parallel"
@@ -81,6 +81,7 @@ class ShardedTraining:
         self.sharding_types = tuple(sharding_types)
         self.shape: ModelShape | None = None
         self.plan = None
+        self.over_arch_dtype: torch.dtype | None = None
         self._snapshots = 0
 
     @property
@@ -94,11 +95,12 @@ class ShardedTraining:
     # -- model and optimizers --------------------------------------------------------------------
     def build(self, shape: ModelShape, config: TrainConfig, device: torch.device):
         self.shape = shape
+        self.over_arch_dtype = over_arch_dtype(config, device)
         model = TwoSidedDLRM(shape, device=torch.device("meta"))
         # The interaction indices are plain CPU buffers; DDP broadcasts buffers, so they must live
         # on the device NCCL talks to.
         model.triu_rows, model.triu_cols = model.triu_rows.to(device), model.triu_cols.to(device)
-        model.triu_flat = model.triu_flat.to(device)
+        model.triu_flat, model.triu_flat_t = model.triu_flat.to(device), model.triu_flat_t.to(device)
         tables = [ebc for ebc in (model.customer_ebc, model.product_ebc) if ebc is not None]
         table_optimizer, table_kwargs = self._table_optimizer(config)
         for ebc in tables:
@@ -157,14 +159,19 @@ class ShardedTraining:
         return data
 
     def forward(self, model, data: ExampleTensors, rows: torch.Tensor) -> torch.Tensor:
-        return forward_examples(model, data, rows)
+        return forward_examples(model, data, rows, self.over_arch_dtype)
 
-    def batches(self, n: int, batch_size: int, generator: torch.Generator):
+    def labels(self, data: ExampleTensors, rows: torch.Tensor) -> torch.Tensor:
+        return data.labels.index_select(0, rows)
+
+    def batches(self, data: ExampleTensors, batch_size: int, generator: torch.Generator):
+        n = data.num_rows
         n_common = self.group.min(n)
         local = max(1, math.ceil(batch_size / self.world_size))
         # Same seed stream on every rank (from the shared generator), different order per rank.
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + self.rank))[:n_common]
+        order = order.to(data.labels.device)
         for start in range(0, n_common, local):
             yield order[start : start + local]
 

@@ -20,7 +20,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from feedpipe.feature_tensors import SideTensors, side_tensors
-from feedpipe.flat_embeddings import FlatTables
+from feedpipe.flat_embeddings import FlatTables, SideBags
 from feedpipe.model import ModelShape, SideVectors, TwoSidedDLRM, sparse_features_for
 from feedpipe.scoring_runtime import intra_op_threads
 from feedpipe.sources import FeatureSpec
@@ -30,6 +30,9 @@ from feedpipe.vocabularies import Vocabularies, dense_features
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class TrainConfig:
     seed: int = 0
     # Intra-op threads while training on CPU; 0 picks by the over arch's width (`training_threads`).
     cpu_threads: int = 0
+    # The over arch's matrix products: "fp32", "bf16" (autocast: weights, optimizer state and the
+    # interaction stay fp32), or "auto": bf16 where the hardware multiplies bf16 natively
+    # (`native_bf16`), else fp32. See `over_arch_dtype` for the measurements behind it.
+    precision: str = "auto"
 
     def __post_init__(self):
         """Refuse settings that would crash mid-training or, worse, ship an untrained model."""
@@ -69,6 +76,8 @@ class TrainConfig:
             problems.append(f"dense_arch_layers must end in embedding_dim ({self.embedding_dim}), got {list(self.dense_arch_layers)}")
         if self.over_arch_layers and self.over_arch_layers[-1] != 1:
             problems.append(f"over_arch_layers must end in 1 (a logit), got {list(self.over_arch_layers)}")
+        if self.precision not in TRAINING_PRECISIONS:
+            problems.append(f"precision must be one of {list(TRAINING_PRECISIONS)}, got {self.precision!r}")
         if self.optimizer not in ("adam", "sgd"):
             problems.append(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         for name in ("learning_rate", "embedding_learning_rate"):
@@ -94,6 +103,29 @@ ARTICLE_PRESET = TrainConfig(
     embedding_learning_rate=0.01,
     embedding_weight_decay=0.0,
 )
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware: AVX512_BF16 or AMX on a CPU, bf16 on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe is not None and probe() for probe in probes)  # private, so looked up, not assumed
+
+
+def over_arch_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype the over arch multiplies in while training (None: fp32, no autocast).
+
+    bf16 under `auto` because it is where a step's time goes: on the 2-core AMD EPYC (Zen 4,
+    AVX512_BF16, one thread) the over arch's forward and backward took 2.8-3.0 ms in fp32 and
+    1.08-1.09 ms under bf16 autocast, at the same loss (benchmarks/README.md, "Training"). Without
+    native bf16 the products are emulated and slower, so `auto` keeps fp32 there.
+    """
+    if config.precision == "bf16" or (config.precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
 
 
 def make_optimizers(
@@ -195,10 +227,15 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None, device:
         yield order[start : start + batch_size]
 
 
-def forward_examples(model: TwoSidedDLRM, data: ExampleTensors, rows: torch.Tensor) -> torch.Tensor:
+def forward_examples(
+    model: TwoSidedDLRM, data: ExampleTensors, rows: torch.Tensor, over_arch_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     cd, ck = data.customers.gather(rows)
     pd, pk = data.products.gather(rows)
-    return model(cd, ck if data.customers.sparse_keys else None, pd, pk if data.products.sparse_keys else None)
+    # Through the module's call, not its methods: under torchrun `model` is DMP, whose forward
+    # distributes the sharded tables' inputs.
+    extra = {"over_arch_dtype": over_arch_dtype} if over_arch_dtype is not None else {}
+    return model(cd, ck if data.customers.sparse_keys else None, pd, pk if data.products.sparse_keys else None, **extra)
 
 
 @torch.no_grad()
@@ -211,6 +248,41 @@ def evaluate_examples(model: TwoSidedDLRM, data: ExampleTensors, batch_size: int
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
     auc = binary_auroc(torch.sigmoid(logits), labels.long()).item()
     return loss, auc
+
+
+SIDES = ("customers", "products")
+
+
+@dataclass
+class FlatExamples:
+    """What one-process training reads: per side its dense features [N, n] and (for a side with
+    tables) its bags of flat-matrix rows, and the labels [N]."""
+
+    dense: dict[str, torch.Tensor]
+    bags: dict[str, SideBags]
+    labels: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.labels.shape[0])
+
+    def permuted(self, order: torch.Tensor) -> "FlatExamples":
+        return FlatExamples(
+            {side: d.index_select(0, order) for side, d in self.dense.items()},
+            {side: b.permuted(order) for side, b in self.bags.items()},
+            self.labels.index_select(0, order),
+        )
+
+    def batches(self, batch_size: int):
+        """Consecutive slices of `batch_size` rows, as views."""
+        bags = {side: b.batches(batch_size) for side, b in self.bags.items()}
+        for start in range(0, self.num_rows, batch_size):
+            stop = start + batch_size
+            yield FlatExamples(
+                {side: d[start:stop] for side, d in self.dense.items()},
+                {side: next(it) for side, it in bags.items()},
+                self.labels[start:stop],
+            )
 
 
 class InProcess:
@@ -231,9 +303,11 @@ class InProcess:
         self.flat = flat
         self.tables: dict[str, FlatTables] = {}
         self.device = torch.device("cpu")
+        self.over_arch_dtype: torch.dtype | None = None
 
     def build(self, shape: ModelShape, config: TrainConfig, device: torch.device):
         self.device = device
+        self.over_arch_dtype = over_arch_dtype(config, device)
         model = TwoSidedDLRM(shape, device=device)
         if not self.flat:
             return model, make_optimizers(model, config)
@@ -248,28 +322,37 @@ class InProcess:
         return model, make_optimizers(model, config, tables=[t.weight for t in self.tables.values()])
 
     def prepare(self, data: ExampleTensors):
-        """What `forward` reads: the flat tables' ids of every example row, computed once."""
+        """What `batches` and `forward` read: each side's dense features and bags, computed once."""
         if not self.flat:
             return data
-        ids = {side: t.ids(getattr(data, side)) for side, t in self.tables.items()}
-        return data, ids
+        return FlatExamples(
+            dense={side: getattr(data, side).dense for side in SIDES},
+            bags={side: t.bags(getattr(data, side)) for side, t in self.tables.items()},
+            labels=data.labels,
+        )
 
-    def forward(self, model: TwoSidedDLRM, prepared, rows: torch.Tensor) -> torch.Tensor:
+    def batches(self, prepared, batch_size: int, generator: torch.Generator):
+        """The epoch's batches: the examples shuffled once, then sliced (see flat_embeddings)."""
         if not self.flat:
-            return forward_examples(model, prepared, rows)
-        data, ids = prepared
-        sides = []
-        for side, arch in (("customers", model.customer_dense_arch), ("products", model.product_dense_arch)):
-            tensors: SideTensors = getattr(data, side)
-            dense = arch(tensors.dense.index_select(0, rows)) if arch is not None else None
-            table = self.tables.get(side)
-            pooled = (table.lookup(ids[side], rows) if table is not None
-                      else tensors.dense.new_zeros((rows.numel(), 0, model.shape.embedding_dim)))
-            sides.append(SideVectors(dense, pooled))
-        return model.logits_from_vectors(*sides)
+            yield from _batches(prepared.num_rows, batch_size, generator, self.device)
+            return
+        order = torch.randperm(prepared.num_rows, generator=generator).to(self.device)
+        yield from prepared.permuted(order).batches(batch_size)
 
-    def batches(self, n: int, batch_size: int, generator: torch.Generator):
-        return _batches(n, batch_size, generator, self.device)
+    def forward(self, model: TwoSidedDLRM, prepared, batch) -> torch.Tensor:
+        if not self.flat:
+            return forward_examples(model, prepared, batch, self.over_arch_dtype)
+        sides = []
+        for side, arch in zip(SIDES, (model.customer_dense_arch, model.product_dense_arch)):
+            dense = arch(batch.dense[side]) if arch is not None else None
+            table = self.tables.get(side)
+            pooled = (table.pool(batch.bags[side]) if table is not None
+                      else batch.labels.new_zeros((batch.num_rows, 0, model.shape.embedding_dim)))
+            sides.append(SideVectors(dense, pooled))
+        return model.logits_from_vectors(*sides, over_arch_dtype=self.over_arch_dtype)
+
+    def labels(self, prepared, batch) -> torch.Tensor:
+        return prepared.labels.index_select(0, batch) if not self.flat else batch.labels
 
     def evaluate(self, model, data: ExampleTensors) -> tuple[float, float]:
         return evaluate_examples(model, data)
@@ -382,16 +465,16 @@ def _train(train, valid, shape, config, device, log, parallel) -> TrainResult:
         model.train()
         t0 = time.perf_counter()
         losses = _EpochLosses(epoch, config.learning_rate, loss_curve, agree=parallel.sum)
-        for rows in parallel.batches(train.num_rows, config.batch_size, generator):
-            rows = rows.to(device)
-            logits = parallel.forward(model, prepared, rows)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, train.labels.index_select(0, rows))
+        for batch in parallel.batches(prepared, config.batch_size, generator):
+            logits = parallel.forward(model, prepared, batch)
+            labels = parallel.labels(prepared, batch)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
             for opt in optimizers:
                 opt.step()
-            losses.add(loss, rows.numel())
+            losses.add(loss, labels.numel())
         losses.check()
         total, count = losses.total, losses.count
         epoch_seconds = time.perf_counter() - t0

@@ -1,5 +1,6 @@
 import math
 import re
+from dataclasses import replace
 
 import polars as pl
 import pytest
@@ -50,6 +51,19 @@ def test_forward_gives_one_logit_per_pair_and_checks_layer_sizes():
         TwoSidedDLRM(ModelShape((), (), 1, 1, embedding_dim=8, dense_arch_layers=(16, 4)))
     with pytest.raises(ValueError, match="logit"):
         TwoSidedDLRM(ModelShape((), (), 1, 1, over_arch_layers=(8, 2)))
+
+
+@pytest.mark.parametrize("f", [2, 3, 9])
+def test_pair_dots_give_the_gram_matrix_triangle_and_its_exact_gradient(f):
+    from feedpipe.model import PairDots
+
+    torch.manual_seed(f)
+    v = torch.randn(5, f, 4, dtype=torch.float64, requires_grad=True)
+    rows, cols = torch.triu_indices(f, f, offset=1)
+    flat, flat_t = rows * f + cols, cols * f + rows
+    dots = PairDots.apply(v, flat, flat_t)
+    assert torch.allclose(dots, (v[:, rows] * v[:, cols]).sum(-1))  # pair p is <v_i, v_j>, i < j, row-major
+    assert torch.autograd.gradcheck(PairDots.apply, (v, flat, flat_t))
 
 
 def test_training_learns_a_group_preference(data):
@@ -146,6 +160,7 @@ def test_training_config_presets_fill_unset_fields_and_reject_unknown_names():
         ({"dense_arch_layers": [64, 8]}, "dense_arch_layers must end in embedding_dim (16)"),
         ({"optimizer": "adagrad"}, "optimizer must be 'adam' or 'sgd'"),
         ({"patience": -1}, "patience must be >= 0"),
+        ({"precision": "fp16"}, "precision must be one of ['auto', 'fp32', 'bf16']"),
     ],
 )
 def test_a_training_config_that_cannot_train_fails_before_training_and_names_the_field(overrides, named):
@@ -179,14 +194,17 @@ def test_flat_tables_train_exactly_like_the_embedding_bag_collection(data):
     _, _, vocab, examples = data
     train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
     shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, FAST)
-    cfg = TrainConfig(epochs=2, batch_size=128, patience=5, embedding_weight_decay=1e-3)
+    # fp32: the two paths' lookups agree to rounding, which bf16 products would swamp.
+    cfg = TrainConfig(epochs=2, batch_size=128, patience=5, embedding_weight_decay=1e-3, precision="fp32")
     flat = InProcess(flat=True)
     torch.manual_seed(0)
     model, _ = flat.build(shape, cfg, torch.device("cpu"))
     rows = torch.randperm(train.num_rows)[:300]
     from feedpipe.training import forward_examples
 
-    assert torch.allclose(flat.forward(model, flat.prepare(train), rows), forward_examples(model, train, rows), atol=1e-6)
+    prepared = flat.prepare(train)
+    assert torch.allclose(flat.forward(model, prepared, prepared.permuted(rows)), forward_examples(model, train, rows),
+                          atol=1e-6)
     a = train_dlrm(train, valid, shape, cfg, parallel=InProcess(flat=True))
     b = train_dlrm(train, valid, shape, cfg, parallel=InProcess(flat=False))
     sa, sb = a.model.state_dict(), b.model.state_dict()
@@ -195,6 +213,33 @@ def test_flat_tables_train_exactly_like_the_embedding_bag_collection(data):
         assert torch.allclose(sa[k], sb[k], atol=1e-5), k
     assert [h.val_loss for h in a.history] == pytest.approx([h.val_loss for h in b.history], abs=1e-5)
     assert a.model.customer_ebc.embedding_bags["t_customers__customer_id"].weight.abs().sum() > 0
+
+
+def test_bf16_training_multiplies_the_over_arch_in_bf16_and_still_learns(data):
+    from feedpipe.training import InProcess, over_arch_dtype
+
+    cpu = torch.device("cpu")
+    assert over_arch_dtype(TrainConfig(precision="bf16"), cpu) is torch.bfloat16
+    assert over_arch_dtype(TrainConfig(precision="fp32"), cpu) is None
+    _, _, vocab, examples = data
+    train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
+    cfg = replace(FAST, precision="bf16")
+    shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, cfg)
+    parallel = InProcess()
+    torch.manual_seed(0)
+    model, _ = parallel.build(shape, cfg, cpu)
+    prepared = parallel.prepare(train)
+    batch = prepared.permuted(torch.arange(200))
+    bf16 = parallel.forward(model, prepared, batch)
+    parallel.over_arch_dtype = None
+    fp32 = parallel.forward(model, prepared, batch)
+    assert bf16.dtype == torch.float32
+    # bf16 products round the inputs to 8 bits of mantissa: close to fp32, and not equal to it.
+    assert 0 < (bf16 - fp32).abs().max() < 0.05
+    result = train_dlrm(train, valid, shape, cfg)
+    assert result.best.val_auc > 0.95
+    # ... and what it ships is an fp32 model
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
 
 
 def test_training_threads_follow_the_over_arch_width(data):

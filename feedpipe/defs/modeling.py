@@ -56,6 +56,7 @@ class TrainingConfig(dg.Config):
     patience: Optional[int] = Field(default=None, description="Epochs without validation improvement before stopping.")
     seed: Optional[int] = None
     cpu_threads: Optional[int] = Field(default=None, description="Intra-op threads on CPU; 0 = by the over arch's width.")
+    precision: Optional[str] = Field(default=None, description="Over arch matrix products: auto (bf16 where the hardware has it) | fp32 | bf16.")
     min_validation_auc: float = Field(default=0.6, description="Blocking check: below this the feed is not published.")
 
     def core(self) -> TrainConfig:
