@@ -196,7 +196,7 @@ def main() -> None:
         "samples_per_s": round(med(ours)),
         "reference_samples_per_s": round(med(ref)),
         "precision": config.precision,
-        "over_arch_dtype": str(over_arch_dtype(config, torch.device(args.device))).removeprefix("torch."),
+        "over_arch_dtype": str(over_arch_dtype(config, torch.device(args.device)) or torch.float32).removeprefix("torch."),
         # feedpipe's loop with its over arch kept in fp32, for what bf16 alone buys
         "samples_per_s_fp32": round(med(ours_fp32)),
         "speedup_fp32": round(med(ours_fp32) / med(ref), 2),

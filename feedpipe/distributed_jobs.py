@@ -75,6 +75,7 @@ def run_training(args, group: RankGroup, log) -> dict:
         "validation_logloss": result.best.val_loss,
         "best_epoch": result.best_epoch,
         "samples_per_s": result.samples_per_s,
+        "over_arch_precision": result.over_arch_precision,
         "train_seconds": result.seconds,
         "load_seconds": load_seconds,
         "history": [asdict(h) for h in result.history],
@@ -83,7 +84,7 @@ def run_training(args, group: RankGroup, log) -> dict:
     }
     if group.is_leader:
         metrics = {k: summary[k] for k in ("validation_auc", "validation_logloss", "best_epoch", "samples_per_s",
-                                           "device", "history", "loss_curve", "ranks")}
+                                           "device", "history", "loss_curve", "ranks", "over_arch_precision")}
         TrainedModel(result.model, c_specs, p_specs, vocab, args.version, metrics).save(args.out)
         summary["parameters"] = result.model.parameter_count()
     return summary

@@ -72,8 +72,9 @@ def bag_positions(offsets: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tens
     starts = offsets.index_select(0, rows)
     lengths = offsets.index_select(0, rows + 1) - starts
     total = int(lengths.sum())
-    # Position j of the output takes values[starts[bag(j)] + (j - out_start[bag(j)])].
-    out_starts = torch.cumsum(lengths, 0) - lengths
+    # Position j of the output takes values[starts[bag(j)] + (j - out_start[bag(j)])]. In the
+    # offsets' own dtype: int32 offsets keep these temporaries at half the size.
+    out_starts = torch.cumsum(lengths, 0, dtype=lengths.dtype) - lengths
     idx = torch.repeat_interleave(starts - out_starts, lengths, output_size=total)
     return idx + torch.arange(total, device=offsets.device, dtype=idx.dtype), lengths
 

@@ -45,19 +45,25 @@ def index_dtype(*sizes: int) -> torch.dtype:
     return torch.int32 if max(sizes, default=0) < 2**31 else torch.int64
 
 
+# Rows handled at once when a layout is built or shuffled: the temporaries stay a few MB.
+CHUNK_ROWS = 1 << 18
+
+
 @dataclass
 class SideBags:
     """Example rows as bags of flat-matrix rows, row-major: example r's bags are r*F ... r*F + F-1.
 
     values [nnz]: flat-matrix rows; offsets [N*F + 1]: where each bag starts, and the end (None:
-    every bag holds exactly one value, so bag i is values[i]); weights [nnz]: each value's share of
-    its bag (None with offsets None: all 1); bag [nnz]: the bag each value is in, for backward's
-    scatter (set by `permuted`, once an epoch, rather than per batch).
+    every bag holds exactly one value, so bag i is values[i]); multi [F]: which features are
+    multi-valued (their values weigh 1/len in the bag, the EBC's MEAN). A batch cut by `batches`
+    also carries `bag` and `weights` per value, for `pool`; the whole layout does not (8 B per
+    value it would hold all epoch).
     """
 
     features: int
     values: torch.Tensor
     offsets: torch.Tensor | None = None
+    multi: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     bag: torch.Tensor | None = None
 
@@ -67,18 +73,19 @@ class SideBags:
         return bags // self.features
 
     def permuted(self, order: torch.Tensor) -> "SideBags":
-        """The rows in `order` (an epoch's shuffle), as new contiguous tensors."""
+        """The rows in `order` (an epoch's shuffle, or any selection of rows), as new tensors."""
         f = self.features
         if self.offsets is None:
             return SideBags(f, self.values.view(-1, f).index_select(0, order).view(-1))
-        positions, _ = bag_positions(self.offsets[::f], order)  # the rows' values, in the new order
-        lengths = self.offsets.diff().view(-1, f).index_select(0, order).view(-1)
-        offsets = self.offsets.new_zeros(lengths.numel() + 1)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device, dtype=lengths.dtype),
-                                      lengths, output_size=positions.numel())
-        return SideBags(f, self.values.index_select(0, positions), offsets, self.weights.index_select(0, positions),
-                        bag)
+        lengths = self.offsets.diff().view(-1, f).index_select(0, order).view(-1)  # [B*F]
+        offsets = _offsets(lengths)
+        starts = [*range(0, order.numel(), CHUNK_ROWS), order.numel()]
+        bounds = offsets[torch.tensor(starts, device=offsets.device) * f].tolist()
+        values, row_offsets = self.values.new_empty(bounds[-1]), self.offsets[::f]
+        for a, b, va, vb in zip(starts, starts[1:], bounds, bounds[1:]):
+            positions, _ = bag_positions(row_offsets, order[a:b])  # the chunk's values, in the new order
+            values[va:vb] = self.values.index_select(0, positions)
+        return SideBags(f, values, offsets, self.multi)
 
     def batches(self, batch_size: int) -> Iterator["SideBags"]:
         """Consecutive slices of `batch_size` rows (the last may be shorter), ids as int64: CPU
@@ -90,10 +97,20 @@ class SideBags:
                 yield SideBags(f, self.values[a * f : b * f].long())
             return
         bounds = self.offsets[torch.tensor(starts, device=self.offsets.device) * f].tolist()  # one host read
-        bag = self.bag if self.bag is not None else self.permuted(torch.arange(n, device=self.values.device)).bag
         for a, b, va, vb in zip(starts, starts[1:], bounds, bounds[1:]):
-            yield SideBags(f, self.values[va:vb].long(), self.offsets[a * f : b * f + 1].long() - va,
-                           self.weights[va:vb], bag[va:vb].long() - a * f)
+            offsets = self.offsets[a * f : b * f + 1].long() - va
+            lengths = offsets.diff()
+            bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
+                                          output_size=vb - va)
+            share = torch.where(self.multi.repeat(b - a), 1.0 / lengths.clamp(min=1), 1.0)
+            yield SideBags(f, self.values[va:vb].long(), offsets, self.multi,
+                           share.index_select(0, bag).to(torch.float32), bag)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    offsets = lengths.new_zeros(lengths.numel() + 1)
+    torch.cumsum(lengths, 0, dtype=offsets.dtype, out=offsets[1:])
+    return offsets
 
 
 class _PooledBags(torch.autograd.Function):
@@ -141,7 +158,8 @@ class FlatTables(nn.Module):
             self._ebc.embedding_bags[table_name(f)].weight.data = self.weight.data[lo:hi]
 
     def bags(self, side: SideTensors) -> SideBags:
-        """Every example row's bags of this side, shifted to the flat matrix; computed once per example set."""
+        """Every example row's bags of this side, shifted to the flat matrix; computed once per example
+        set, CHUNK_ROWS rows at a time."""
         keys = [f.name for f in self.features]
         if side.sparse_keys != keys:
             raise ValueError(f"example tensors have keys {side.sparse_keys}, the tables {keys}")
@@ -150,22 +168,21 @@ class FlatTables(nn.Module):
         nnz = sum(int(v.numel()) for v, _ in jagged)
         dtype = index_dtype(nnz, n * f + 1, self._starts[-1])
         if not any(feat.multi_valued for feat in self.features) and nnz == n * f:  # one value per bag
-            values = torch.stack([v + first for (v, _), first in zip(jagged, self.first_row)], 1)
-            return SideBags(f, values.to(dtype).view(-1))
-        lengths = torch.stack([o.diff() for _, o in jagged], 1)  # [N, F]
-        offsets = torch.zeros(n * f + 1, dtype=torch.int64, device=side.dense.device)
-        torch.cumsum(lengths.view(-1), 0, out=offsets[1:])
-        values = torch.empty(nnz, dtype=torch.int64, device=offsets.device)
-        weights = torch.empty(nnz, dtype=self.weight.dtype, device=offsets.device)
-        for k, ((v, o), feature) in enumerate(zip(jagged, self.features)):
-            length = lengths[:, k]
-            # Value j of row r's bag goes to offsets[r*F + k] + (j - o[r]).
-            shift = torch.repeat_interleave(offsets[k:-1:f] - o[:-1], length, output_size=v.numel())
-            at = shift + torch.arange(v.numel(), device=v.device)
-            values[at] = v + self.first_row[k]
-            share = 1.0 / length.clamp(min=1).to(weights.dtype) if feature.multi_valued else torch.ones_like(length, dtype=weights.dtype)
-            weights[at] = torch.repeat_interleave(share, length, output_size=v.numel())
-        return SideBags(f, values.to(dtype), offsets.to(dtype), weights)
+            values = torch.stack([(v + first).to(dtype) for (v, _), first in zip(jagged, self.first_row)], 1)
+            return SideBags(f, values.view(-1))
+        device = side.dense.device
+        offsets = _offsets(torch.stack([o.diff().to(dtype) for _, o in jagged], 1).view(-1))
+        values = torch.empty(nnz, dtype=dtype, device=device)
+        for a in range(0, n, CHUNK_ROWS):
+            b = min(n, a + CHUNK_ROWS)
+            for k, (v, o) in enumerate(jagged):
+                lo, hi = int(o[a]), int(o[b])
+                # Value j of row r's bag k goes to offsets[r*F + k] + (j - o[r]).
+                shift = offsets[a * f + k : b * f : f].long() - o[a:b]
+                at = torch.repeat_interleave(shift, o[a + 1 : b + 1] - o[a:b], output_size=hi - lo)
+                values[at + torch.arange(lo, hi, device=device)] = (v[lo:hi] + self.first_row[k]).to(dtype)
+        multi = torch.tensor([feat.multi_valued for feat in self.features], device=device)
+        return SideBags(f, values, offsets, multi)
 
     def pool(self, bags: SideBags) -> torch.Tensor:
         """[B, F, D]: the pooled vectors of the bags' rows, features in key order."""
@@ -173,5 +190,5 @@ class FlatTables(nn.Module):
         if bags.offsets is None:
             return self.weight.index_select(0, bags.values).view(-1, f, d)  # backward: one index_add
         if bags.bag is None:  # a layout not cut by `batches` (a test's selection of rows, say)
-            bags = next(bags.batches(bags.num_rows))
+            bags = next(bags.batches(max(bags.num_rows, 1)))
         return _PooledBags.apply(self.weight, bags.values, bags.offsets, bags.weights, bags.bag).view(-1, f, d)

@@ -94,16 +94,19 @@ class PairDots(torch.autograd.Function):
     def forward(ctx, v: torch.Tensor, flat: torch.Tensor, flat_t: torch.Tensor) -> torch.Tensor:
         b, f, _ = v.shape
         ctx.save_for_backward(v, flat, flat_t)
-        return torch.bmm(v, v.transpose(1, 2)).view(b, f * f).index_select(1, flat)
+        # In v's dtype even under an outer autocast, so backward's operands agree (and dots keep fp32).
+        with torch.autocast(v.device.type, enabled=False):
+            return torch.bmm(v, v.transpose(1, 2)).view(b, f * f).index_select(1, flat)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         v, flat, flat_t = ctx.saved_tensors
         b, f, _ = v.shape
         # (G + G^T) [B, F*F]: each pair's gradient at (i, j) and at (j, i); the diagonal stays zero.
-        g = grad.new_zeros((b, f * f))
-        g.index_copy_(1, flat, grad).index_copy_(1, flat_t, grad)
-        return torch.bmm(g.view(b, f, f), v), None, None
+        g = v.new_zeros((b, f * f))
+        g.index_copy_(1, flat, grad.to(v.dtype)).index_copy_(1, flat_t, grad.to(v.dtype))
+        with torch.autocast(v.device.type, enabled=False):
+            return torch.bmm(g.view(b, f, f), v), None, None
 
 
 @dataclass

@@ -107,8 +107,8 @@ ARTICLE_PRESET = TrainConfig(
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 in hardware: AVX512_BF16 or AMX on a CPU, bf16 on a GPU."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere and later; is_bf16_supported() also counts emulation
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type != "cpu":
         return False
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -214,6 +214,7 @@ class TrainResult:
     device: str
     loss_curve: list[float] = field(default_factory=list)  # per-batch-group training loss, for plots
     ranks: int = 1  # processes that trained it (torchrun world size)
+    over_arch_precision: str = "fp32"  # what TrainConfig.precision resolved to on this device: fp32 or bf16
 
     @property
     def best(self) -> EpochStats:
@@ -261,17 +262,37 @@ class FlatExamples:
     dense: dict[str, torch.Tensor]
     bags: dict[str, SideBags]
     labels: torch.Tensor
+    # The order the rows are in now, as indices into the examples as built (None: as built).
+    order: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
         return int(self.labels.shape[0])
 
     def permuted(self, order: torch.Tensor) -> "FlatExamples":
+        """The rows in `order` (indices into the rows as they are now), as a new set."""
         return FlatExamples(
             {side: d.index_select(0, order) for side, d in self.dense.items()},
             {side: b.permuted(order) for side, b in self.bags.items()},
             self.labels.index_select(0, order),
         )
+
+    def shuffle(self, order: torch.Tensor) -> None:
+        """Put the rows in `order` (indices into the examples as built), in place and one tensor at
+        a time: only one copy of the examples is kept, and at most one tensor's second copy exists
+        at any moment. The epoch's batches are then exactly those of `order`, whatever came before."""
+        if self.order is None:
+            step = order
+        else:  # from the current arrangement: row i now holds example self.order[i]
+            where = torch.empty_like(self.order)
+            where[self.order] = torch.arange(self.order.numel(), device=order.device, dtype=self.order.dtype)
+            step = where.index_select(0, order)
+        for side in self.dense:
+            self.dense[side] = self.dense[side].index_select(0, step)
+        for side in self.bags:
+            self.bags[side] = self.bags[side].permuted(step)
+        self.labels = self.labels.index_select(0, step)
+        self.order = order
 
     def batches(self, batch_size: int):
         """Consecutive slices of `batch_size` rows, as views."""
@@ -336,8 +357,8 @@ class InProcess:
         if not self.flat:
             yield from _batches(prepared.num_rows, batch_size, generator, self.device)
             return
-        order = torch.randperm(prepared.num_rows, generator=generator).to(self.device)
-        yield from prepared.permuted(order).batches(batch_size)
+        prepared.shuffle(torch.randperm(prepared.num_rows, generator=generator).to(self.device))
+        yield from prepared.batches(batch_size)
 
     def forward(self, model: TwoSidedDLRM, prepared, batch) -> torch.Tensor:
         if not self.flat:
@@ -475,6 +496,9 @@ def _train(train, valid, shape, config, device, log, parallel) -> TrainResult:
             for opt in optimizers:
                 opt.step()
             losses.add(loss, labels.numel())
+        # The last batch holds views of the examples' tensors: let it go before the next epoch's
+        # shuffle replaces them, or the old ones stay alive beside the new.
+        batch = logits = labels = loss = None
         losses.check()
         total, count = losses.total, losses.count
         epoch_seconds = time.perf_counter() - t0
@@ -506,6 +530,7 @@ def _train(train, valid, shape, config, device, log, parallel) -> TrainResult:
         device=str(device),
         loss_curve=loss_curve,
         ranks=parallel.world_size,
+        over_arch_precision="bf16" if over_arch_dtype(config, device) == torch.bfloat16 else "fp32",
     )
 
 

@@ -66,6 +66,19 @@ def test_pair_dots_give_the_gram_matrix_triangle_and_its_exact_gradient(f):
     assert torch.autograd.gradcheck(PairDots.apply, (v, flat, flat_t))
 
 
+def test_pair_dots_stay_fp32_under_an_outer_autocast():
+    from feedpipe.model import PairDots
+
+    v = torch.randn(6, 4, 8, requires_grad=True)
+    rows, cols = torch.triu_indices(4, 4, offset=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dots = PairDots.apply(v, rows * 4 + cols, cols * 4 + rows)
+    assert dots.dtype == torch.float32
+    assert torch.allclose(dots, (v[:, rows] * v[:, cols]).sum(-1), atol=1e-5)
+    dots.sum().backward()  # the gradient's and the saved input's dtypes agree
+    assert v.grad is not None and v.grad.dtype == torch.float32
+
+
 def test_training_learns_a_group_preference(data):
     _, _, vocab, examples = data
     train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
@@ -237,7 +250,8 @@ def test_bf16_training_multiplies_the_over_arch_in_bf16_and_still_learns(data):
     # bf16 products round the inputs to 8 bits of mantissa: close to fp32, and not equal to it.
     assert 0 < (bf16 - fp32).abs().max() < 0.05
     result = train_dlrm(train, valid, shape, cfg)
-    assert result.best.val_auc > 0.95
+    assert result.best.val_auc > 0.95 and result.over_arch_precision == "bf16"
+    assert train_dlrm(train, valid, shape, replace(cfg, epochs=1, precision="fp32")).over_arch_precision == "fp32"
     # ... and what it ships is an fp32 model
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
 

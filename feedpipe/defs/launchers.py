@@ -165,6 +165,7 @@ class LauncherResource(dg.ConfigurableResource):
             device=summary["device"],
             loss_curve=summary["loss_curve"],
             ranks=summary["ranks"],
+            over_arch_precision=summary.get("over_arch_precision", "fp32"),
         )
 
     def rank(

@@ -188,6 +188,7 @@ def dlrm_model(
             "samples_per_s": result.samples_per_s,
             "device": result.device,
             "ranks": result.ranks,
+            "over_arch_precision": result.over_arch_precision,
             "history": [asdict(h) for h in result.history],
             "loss_curve": result.loss_curve,
         },
@@ -209,6 +210,7 @@ def dlrm_model(
             "train_seconds": round(result.seconds, 1),
             "device": result.device,
             "ranks": result.ranks,
+            "over_arch_precision": result.over_arch_precision,
             "model_version": trained.version,
         },
     )
