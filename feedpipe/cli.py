@@ -216,7 +216,8 @@ def cmd_report(args) -> int:
         "customers": version["customers"],
         "published_at": str(version.get("published_at")),
     }
-    ev_dir = feedpipe_home() / "artifacts" / "evaluations" / version["model_version"]
+    artifacts = Path(args.artifacts).resolve() if args.artifacts else feedpipe_home() / "artifacts"
+    ev_dir = artifacts / "evaluations" / version["model_version"]
     if (ev_dir / "evaluation.json").exists():
         ev = ModelEvaluation.load(ev_dir)
         report["model"] = ev.model
@@ -333,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="the served feed's version and its model's evaluation")
     rep.add_argument("--json", action="store_true", help="one JSON object")
+    rep.add_argument("--artifacts", help="the artifacts root the run wrote to, where its ArtifactsResource root was "
+                                         "set (default: FEEDPIPE_HOME/artifacts)")
     rep.set_defaults(func=cmd_report)
 
     u = sub.add_parser("db-url", help="print a URL that psql and psycopg accept")

@@ -29,3 +29,24 @@ def test_the_default_feed_date_is_the_utc_day_whatever_the_hosts_zone():
     assert utc_today(new_york_evening) == date(2026, 11, 29)
     tokyo_morning = datetime(2026, 11, 28, 7, 0, tzinfo=timezone(timedelta(hours=9)))  # 22:00 UTC the day before
     assert utc_today(tokyo_morning) == date(2026, 11, 27)
+
+
+def test_report_reads_the_evaluation_under_the_artifacts_root_it_is_given(tmp_path, monkeypatch, capsys):
+    import contextlib
+    import json
+
+    from feedpipe import cli
+    from feedpipe.model_evaluation import ModelEvaluation
+
+    served = {"version": 3, "feed_date": "2026-12-02", "model_version": "m1", "rows": 40, "customers": 2}
+    monkeypatch.setattr(cli, "resolve_database_url", lambda: "postgresql://unused")
+    monkeypatch.setattr(cli, "connect", lambda url: contextlib.nullcontext(None))
+    monkeypatch.setattr(cli, "_served_version", lambda conn: served)
+    monkeypatch.setenv("FEEDPIPE_HOME", str(tmp_path / "home"))  # holds no evaluation
+    ModelEvaluation("m1", 20, 2, {"auc": 0.9, "logloss": 0.2}, {"dlrm": {"recall": 0.5}}).save(
+        tmp_path / "elsewhere" / "evaluations" / "m1")
+    assert cli.main(["report", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ranking"] is None
+    assert cli.main(["report", "--json", "--artifacts", str(tmp_path / "elsewhere")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["auc"] == 0.9 and report["ranking"]["dlrm"]["recall"] == 0.5
