@@ -190,5 +190,8 @@ class FlatTables(nn.Module):
         if bags.offsets is None:
             return self.weight.index_select(0, bags.values).view(-1, f, d)  # backward: one index_add
         if bags.bag is None:  # a layout not cut by `batches` (a test's selection of rows, say)
-            bags = next(bags.batches(max(bags.num_rows, 1)))
-        return _PooledBags.apply(self.weight, bags.values, bags.offsets, bags.weights, bags.bag).view(-1, f, d)
+            bags = next(bags.batches(max(bags.num_rows, 1)), None)
+            if bags is None:  # no rows
+                return self.weight.new_zeros((0, f, d))
+        weights = bags.weights.to(self.weight.dtype)  # embedding_bag wants the matrix's dtype
+        return _PooledBags.apply(self.weight, bags.values, bags.offsets, weights, bags.bag).view(-1, f, d)
