@@ -47,8 +47,8 @@ from feedpipe.model import TwoSidedDLRM  # noqa: E402
 from feedpipe.scoring_runtime import intra_op_threads  # noqa: E402
 from feedpipe.training import (  # noqa: E402
     TrainConfig,
-    over_arch_dtype,
     model_shape,
+    over_arch_dtype,
     split_examples,
     train_dlrm,
     training_threads,

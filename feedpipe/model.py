@@ -103,8 +103,8 @@ class PairDots(torch.autograd.Function):
         v, flat, flat_t = ctx.saved_tensors
         b, f, _ = v.shape
         # (G + G^T) [B, F*F]: each pair's gradient at (i, j) and at (j, i); the diagonal stays zero.
-        g = v.new_zeros((b, f * f))
-        g.index_copy_(1, flat, grad.to(v.dtype)).index_copy_(1, flat_t, grad.to(v.dtype))
+        grad, g = grad.to(v.dtype), v.new_zeros((b, f * f))
+        g.index_copy_(1, flat, grad).index_copy_(1, flat_t, grad)
         with torch.autocast(v.device.type, enabled=False):
             return torch.bmm(g.view(b, f, f), v), None, None
 

@@ -19,6 +19,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from feedpipe.contract import CUSTOMERS, PRODUCTS
 from feedpipe.feature_tensors import SideTensors, side_tensors
 from feedpipe.flat_embeddings import FlatTables, SideBags
 from feedpipe.model import ModelShape, SideVectors, TwoSidedDLRM, sparse_features_for
@@ -235,8 +236,8 @@ def forward_examples(
     pd, pk = data.products.gather(rows)
     # Through the module's call, not its methods: under torchrun `model` is DMP, whose forward
     # distributes the sharded tables' inputs.
-    extra = {"over_arch_dtype": over_arch_dtype} if over_arch_dtype is not None else {}
-    return model(cd, ck if data.customers.sparse_keys else None, pd, pk if data.products.sparse_keys else None, **extra)
+    return model(cd, ck if data.customers.sparse_keys else None, pd, pk if data.products.sparse_keys else None,
+                 over_arch_dtype=over_arch_dtype)
 
 
 @torch.no_grad()
@@ -251,7 +252,7 @@ def evaluate_examples(model: TwoSidedDLRM, data: ExampleTensors, batch_size: int
     return loss, auc
 
 
-SIDES = ("customers", "products")
+SIDES = (CUSTOMERS, PRODUCTS)  # ExampleTensors' attributes and FlatExamples' keys
 
 
 @dataclass
@@ -530,7 +531,7 @@ def _train(train, valid, shape, config, device, log, parallel) -> TrainResult:
         device=str(device),
         loss_curve=loss_curve,
         ranks=parallel.world_size,
-        over_arch_precision="bf16" if over_arch_dtype(config, device) == torch.bfloat16 else "fp32",
+        over_arch_precision="bf16" if parallel.over_arch_dtype == torch.bfloat16 else "fp32",
     )
 
 
