@@ -55,7 +55,13 @@ from feedpipe.scoring import (  # noqa: E402
     score_all_pairs,
     tile_shape,
 )
-from feedpipe.scoring_runtime import default_workers, linear, run_units, single_threaded_kernels  # noqa: E402
+from feedpipe.scoring_runtime import (  # noqa: E402
+    default_workers,
+    linear,
+    onednn_available,
+    run_units,
+    single_threaded_kernels,
+)
 from feedpipe.training import TrainConfig  # noqa: E402
 
 # The demo model after training (6 epochs, 10k x 2k): embedding rows have std 0.15-0.28 and Linear
@@ -389,7 +395,8 @@ def main() -> None:
                         pairs_per_tile=args.pairs_per_tile, pairs_per_unit=pairs_per_unit, workers=workers,
                         layout_customer_rows=customer_rows)
 
-    kernels = ("onednn", "mkl") if on_cpu else ("cublas",)
+    # oneDNN only where it has kernels for the dtype (no bf16 on an AVX2-only CPU): as the scorer picks.
+    kernels = ("cublas",) if not on_cpu else ("onednn", "mkl") if onednn_available(device, dtype) else ("mkl",)
     rooflines = {
         kernel: roofline(model, products, dtype, args.customers, args.pairs_per_tile, workers, kernel, pairs_per_unit,
                          customer_rows)

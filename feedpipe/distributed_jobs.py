@@ -92,6 +92,7 @@ def run_training(args, group: RankGroup, log) -> dict:
 
 def run_scoring(args, group: RankGroup, log) -> dict:
     from feedpipe.scoring import precision
+    from feedpipe.scoring_runtime import emulated_precision_warning
     from feedpipe.sharded_scoring import merge_parts, score_rank_part
     from feedpipe.training import TrainedModel
 
@@ -99,6 +100,9 @@ def run_scoring(args, group: RankGroup, log) -> dict:
         chosen = precision(args.dtype)
     except ValueError as e:
         raise SystemExit(f"--dtype: {e}") from None
+    slow = emulated_precision_warning(group.device, chosen.dtype)
+    if slow is not None:
+        log(f"rank {group.rank}: warning: --dtype {args.dtype}: {slow}")
     t0 = time.perf_counter()
     trained = TrainedModel.load(args.model, device=group.device)
     customers, products = pl.read_parquet(args.customers), pl.read_parquet(args.products)

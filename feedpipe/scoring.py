@@ -262,6 +262,7 @@ class ScoringPlan:
         return replace(
             self, e=c(self.e), w_x_rows=c(self.w_x_rows), u_fold=None if self.u_fold is None else c(self.u_fold),
             w_pp=c(self.w_pp), middle=[(c(w), c(b)) for w, b in self.middle], last_w=c(self.last_w), dtype=dtype,
+            onednn=onednn_available(self.e.device, dtype),
             columns=None if self.columns is None else self.columns.cast(dtype),
         )
 

@@ -100,7 +100,7 @@ class ShardedTraining:
         # The interaction indices are plain CPU buffers; DDP broadcasts buffers, so they must live
         # on the device NCCL talks to.
         model.triu_rows, model.triu_cols = model.triu_rows.to(device), model.triu_cols.to(device)
-        model.triu_flat, model.triu_flat_t = model.triu_flat.to(device), model.triu_flat_t.to(device)
+        model.triu_flat, model.pair_scatter = model.triu_flat.to(device), model.pair_scatter.to(device)
         tables = [ebc for ebc in (model.customer_ebc, model.product_ebc) if ebc is not None]
         table_optimizer, table_kwargs = self._table_optimizer(config)
         for ebc in tables:

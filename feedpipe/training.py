@@ -9,6 +9,7 @@ broken model.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,10 +24,13 @@ from feedpipe.contract import CUSTOMERS, PRODUCTS
 from feedpipe.feature_tensors import SideTensors, side_tensors
 from feedpipe.flat_embeddings import FlatTables, SideBags
 from feedpipe.model import ModelShape, SideVectors, TwoSidedDLRM, sparse_features_for
-from feedpipe.scoring_runtime import intra_op_threads
+from feedpipe.scoring_runtime import emulated_precision_warning, intra_op_threads, native_bf16
 from feedpipe.sources import FeatureSpec
 from feedpipe.training_examples import LABEL, SPLIT, TRAIN, VALIDATION
 from feedpipe.vocabularies import Vocabularies, dense_features
+
+
+_LOG = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,16 +108,6 @@ ARTICLE_PRESET = TrainConfig(
     embedding_learning_rate=0.01,
     embedding_weight_decay=0.0,
 )
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 in hardware: AVX512_BF16 or AMX on a CPU, bf16 on a GPU."""
-    if device.type == "cuda":  # Ampere and later; is_bf16_supported() also counts emulation
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    if device.type != "cpu":
-        return False
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe is not None and probe() for probe in probes)  # private, so looked up, not assumed
 
 
 def over_arch_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -475,6 +469,9 @@ def train_dlrm(
 def _train(train, valid, shape, config, device, log, parallel) -> TrainResult:
     torch.manual_seed(config.seed)
     model, optimizers = parallel.build(shape, config, device)
+    slow = emulated_precision_warning(device, parallel.over_arch_dtype or torch.float32)
+    if slow is not None:  # precision "bf16" forced where it is emulated: ~9x slower over arch
+        (log or _LOG.warning)(f"training precision {config.precision}: {slow}")
     train, valid = train.to(device), valid.to(device)
     prepared = parallel.prepare(train)
     generator = torch.Generator().manual_seed(config.seed)

@@ -13,10 +13,10 @@ from feedpipe.training import (
     TrainConfig,
     TrainedModel,
     TrainingDiverged,
+    _EpochLosses,
     evaluate_examples,
     model_shape,
     split_examples,
-    _EpochLosses,
     train_dlrm,
 )
 from feedpipe_tests.model_fixtures import CUSTOMER_SPECS, PRODUCT_SPECS, grouped_data
@@ -55,24 +55,31 @@ def test_forward_gives_one_logit_per_pair_and_checks_layer_sizes():
 
 @pytest.mark.parametrize("f", [2, 3, 9])
 def test_pair_dots_give_the_gram_matrix_triangle_and_its_exact_gradient(f):
-    from feedpipe.model import PairDots
+    from feedpipe.model import PairDots, pair_scatter
 
     torch.manual_seed(f)
     v = torch.randn(5, f, 4, dtype=torch.float64, requires_grad=True)
     rows, cols = torch.triu_indices(f, f, offset=1)
-    flat, flat_t = rows * f + cols, cols * f + rows
-    dots = PairDots.apply(v, flat, flat_t)
+    flat, scatter = rows * f + cols, pair_scatter(f).double()
+    dots = PairDots.apply(v, flat, scatter)
     assert torch.allclose(dots, (v[:, rows] * v[:, cols]).sum(-1))  # pair p is <v_i, v_j>, i < j, row-major
-    assert torch.autograd.gradcheck(PairDots.apply, (v, flat, flat_t))
+    assert torch.autograd.gradcheck(PairDots.apply, (v, flat, scatter))
+    # fp32, as training runs it: autograd's gradient of the same dots, to rounding
+    v32 = v.detach().float().requires_grad_()
+    g = torch.randn(5, f * (f - 1) // 2)
+    PairDots.apply(v32, flat, pair_scatter(f)).backward(g)
+    auto = v.detach().float().requires_grad_()
+    (auto[:, rows] * auto[:, cols]).sum(-1).backward(g)
+    assert torch.allclose(v32.grad, auto.grad, atol=1e-5)
 
 
 def test_pair_dots_stay_fp32_under_an_outer_autocast():
-    from feedpipe.model import PairDots
+    from feedpipe.model import PairDots, pair_scatter
 
     v = torch.randn(6, 4, 8, requires_grad=True)
     rows, cols = torch.triu_indices(4, 4, offset=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        dots = PairDots.apply(v, rows * 4 + cols, cols * 4 + rows)
+        dots = PairDots.apply(v, rows * 4 + cols, pair_scatter(4))
     assert dots.dtype == torch.float32
     assert torch.allclose(dots, (v[:, rows] * v[:, cols]).sum(-1), atol=1e-5)
     dots.sum().backward()  # the gradient's and the saved input's dtypes agree
@@ -279,3 +286,18 @@ def test_training_and_evaluation_run_on_cuda(data):
     result = train_dlrm(train, valid, shape, TrainConfig(epochs=1, batch_size=256), device="cuda")
     assert result.model.triu_flat.device.type == "cuda"
     assert result.best.val_auc > 0.5
+
+
+def test_forced_bf16_where_it_is_emulated_is_named_in_the_log(data, monkeypatch):
+    """precision "bf16" on a CPU without native bf16 trains ~11x slower: training says so first."""
+    import feedpipe.scoring_runtime as runtime
+
+    _, _, vocab, examples = data
+    train, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
+    cfg = replace(FAST, epochs=1, precision="bf16")
+    shape = model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, cfg)
+    for native, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
+        lines: list[str] = []
+        train_dlrm(train, valid, shape, cfg, log=lines.append)
+        assert any("is emulated" in line for line in lines) == warned, lines

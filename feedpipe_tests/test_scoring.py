@@ -90,12 +90,43 @@ def test_tile_shapes_of_the_default_tiles():
 @pytest.mark.parametrize("customer_rows", [False, True])  # products as rows on F.linear is what a GPU runs
 def test_the_generic_kernel_path_is_exact_too(monkeypatch, customer_rows):
     """Where oneDNN is absent (a GPU, another build) the scorer runs on F.linear."""
-    monkeypatch.setattr(scoring, "onednn_available", lambda device: False)
+    monkeypatch.setattr(scoring, "onednn_available", lambda device, dtype=torch.float32: False)
     model, customers, products = _random_case(3, 30, 50, 2, 1)
     assert not scoring.plan_scoring(model, products, customer_rows=customer_rows).onednn
     got = pair_logits(model, customers, products, torch.arange(30), pairs_per_tile=128,
                       layout_customer_rows=customer_rows)
     assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_is_chosen_only_for_dtypes_it_multiplies(dtype):
+    """On an AVX2-only CPU oneDNN has no bf16 kernels (its op fails); where the probe says it has,
+    the fused op must agree with F.linear."""
+    from feedpipe.scoring_runtime import linear, onednn_available
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((64, 40), (24, 40), (24,)))
+    expected = torch.relu(torch.nn.functional.linear(x.float(), w.float(), b.float()))
+    if onednn_available(torch.device("cpu"), dtype):
+        got = linear(x, w, b, relu=True, onednn=True).float()
+        assert (got - expected).abs().max().item() <= (1e-4 if dtype == torch.float32 else 0.1)
+    model, _, products = _random_case(5, 10, 20, 2, 1)
+    plan = scoring.plan_scoring(model, products, dtype=dtype)
+    assert plan.onednn == onednn_available(torch.device("cpu"), dtype)
+
+
+def test_bf16_scores_on_f_linear_where_onednn_has_no_bf16(monkeypatch):
+    """What an AVX2-only CPU runs: the bf16 plan leaves oneDNN for F.linear and still scores the model."""
+    monkeypatch.setattr(scoring, "onednn_available", lambda device, dtype=torch.float32: dtype == torch.float32)
+    model, customers, products = _random_case(6, 30, 50, 2, 1)
+    for customer_rows in (False, True):
+        plan = scoring.plan_scoring(model, products, dtype=torch.bfloat16, customer_rows=customer_rows)
+        assert not plan.onednn and plan.dtype == torch.bfloat16
+        assert plan.cast(torch.float32).onednn  # and back in fp32, oneDNN again
+        got = pair_logits(model, customers, products, torch.arange(30), dtype=torch.bfloat16, pairs_per_tile=128,
+                          layout_customer_rows=customer_rows)
+        expected = _all_pairs_forward(model, customers, products)
+        assert (got.float() - expected).abs().max().item() <= 0.1 * expected.abs().max().item()
 
 
 def test_padding_k_to_an_alignment_changes_no_logit(monkeypatch):
@@ -330,3 +361,16 @@ def test_flushing_never_reaches_threads_that_outlive_the_block():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_emulated_bf16_is_named_so_before_it_runs_slow(monkeypatch):
+    """An AVX2-only CPU runs bf16 18x slower than fp32: the scorer's callers say so; fp32 never warns."""
+    import feedpipe.scoring_runtime as runtime
+
+    cpu = torch.device("cpu")
+    assert runtime.emulated_precision_warning(cpu, torch.float32) is None
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    message = runtime.emulated_precision_warning(cpu, torch.bfloat16)
+    assert message is not None and "bfloat16 on this cpu is emulated" in message and "fp32" in message
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    assert runtime.emulated_precision_warning(cpu, torch.bfloat16) is None

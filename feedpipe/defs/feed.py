@@ -2,8 +2,9 @@
 
 
 import dagster as dg
-from pydantic import Field
 import polars as pl
+import torch
+from pydantic import Field
 
 from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
 from feedpipe.database import connect
@@ -16,6 +17,7 @@ from feedpipe.feed_queries import version_rows
 from feedpipe.publishing import FeedArrays, publish_feed
 from feedpipe.ranking import RANK, SCORE, model_ranking, top_k_overlap
 from feedpipe.scoring import precision
+from feedpipe.scoring_runtime import emulated_precision_warning
 from feedpipe.training import TrainedModel
 from feedpipe.training_examples import Window, purchased_pairs, window_transactions
 
@@ -78,9 +80,15 @@ def pair_scores(
     in_window = window_transactions(transactions, window)
     exclude = purchased_pairs(in_window) if config.exclude_purchased else None
     timings: dict[str, float] = {}
-    device = None  # the launcher's ranks pick their own
+    device = None  # the launcher's ranks pick their own (and warn for themselves)
+    # Where this process runs bf16: the scoring in process, and the fidelity check below either way
+    # (on the launcher path the model stays on this host's CPU).
+    here = compute.torch_device() if launcher.in_process else torch.device("cpu")
+    slow = emulated_precision_warning(here, chosen.dtype)
+    if slow is not None:
+        context.log.warning(f"pair_scores dtype {config.dtype}: {slow}")
     if launcher.in_process:
-        device = compute.torch_device()
+        device = here
         dlrm_model = dlrm_model.to(device)  # the IO manager loads it on the CPU
         scores = model_ranking(
             dlrm_model, customers, products, top_n=config.top_n, exclude=exclude, dtype=chosen.dtype,
