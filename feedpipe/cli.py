@@ -88,12 +88,22 @@ def _demo_directory(feed_date: date) -> Path:
     return directory
 
 
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2."""
+
+
 def _run_config(path: str | None) -> dict:
     """Dagster run config: the file's (asset configs such as ops.dlrm_model.config.epochs), with the
     console logger at INFO unless the file sets it, so a terminal shows progress rather than every event."""
     import yaml
 
-    config = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    try:
+        config = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--run-config {path} is not valid YAML: {e}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--run-config {path} must be a mapping (e.g. ops: {{dlrm_model: {{config: {{epochs: 3}}}}}}), "
+                         f"got a {type(config).__name__}")
     config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
     return config
 
@@ -116,11 +126,21 @@ def _failure_messages(result) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    url = prepare_environment()
+    from feedpipe.defs.partitions import feed_date_partitions
+
     feed_date = args.date or utc_today()
+    # Before any work: a date outside the partitions would otherwise (re)build the demo data first.
+    if not feed_date_partitions.has_partition_key(feed_date.isoformat()):
+        print(f"feedpipe: {feed_date} is outside the feed-date partitions (from {feed_date_partitions.start:%Y-%m-%d} to today)", file=sys.stderr)
+        return 2
+    run_config = _run_config(args.run_config)
+    url = prepare_environment()
+    # Fails in a second with the database named; Dagster's own storage would retry for ~25 s, then trace back.
+    connect(url).close()
     data_dir = Path(args.data).resolve() if args.data else _demo_directory(feed_date)
     if not data_dir.is_dir():
-        print(f"feedpipe: data directory {data_dir} does not exist", file=sys.stderr)
+        what = "is not a directory" if data_dir.exists() else "does not exist"
+        print(f"feedpipe: data directory {data_dir} {what}", file=sys.stderr)
         return 2
     os.environ["FEEDPIPE_DATA_DIR"] = str(data_dir)
     input_config = Path(args.config) if args.config else data_dir / DATA_DIR_CONFIG
@@ -129,28 +149,26 @@ def cmd_run(args) -> int:
         return 2
     if input_config.exists():
         os.environ["FEEDPIPE_INPUT_CONFIG"] = str(input_config.resolve())
-    run_config = _run_config(args.run_config)
 
     import dagster as dg
 
     from feedpipe.definitions import defs
 
-    from feedpipe.defs.partitions import feed_date_partitions
-
-    if not feed_date_partitions.has_partition_key(feed_date.isoformat()):
-        print(f"feedpipe: {feed_date} is outside the feed-date partitions (from {feed_date_partitions.start:%Y-%m-%d} to today)", file=sys.stderr)
-        return 2
     instance = dg.DagsterInstance.get()
     job = defs.resolve_job_def("nightly_feed")
     print(f"feedpipe run: feed date {feed_date}, data {data_dir}, database {redact_url(url)}")
     t0 = time.perf_counter()
-    result = job.execute_in_process(
-        instance=instance,
-        partition_key=feed_date.isoformat(),
-        raise_on_error=False,
-        run_config=run_config,
-        tags={"feedpipe/source": "cli"},
-    )
+    try:
+        result = job.execute_in_process(
+            instance=instance,
+            partition_key=feed_date.isoformat(),
+            raise_on_error=False,
+            run_config=run_config,
+            tags={"feedpipe/source": "cli"},
+        )
+    except dg.DagsterInvalidConfigError as e:
+        problems = "\n".join(f"  {error.message}" for error in e.errors) or f"  {e}"
+        raise UsageError(f"--run-config {args.run_config or '(none)'} does not fit the job's config:\n{problems}") from None
     seconds = time.perf_counter() - t0
     stats = instance.get_run_step_stats(result.run_id)
     for s in sorted(stats, key=lambda s: s.start_time or 0):
@@ -185,6 +203,9 @@ def cmd_feed(args) -> int:
         customer = args.customer_id
         if customer is None:
             row = conn.execute("select customer_id from feedpipe.current_feed order by customer_id limit 1").fetchone()
+            if row is None:
+                print(f"feed version {version['version']} holds no rows", file=sys.stderr)
+                return 1
             customer = row[0]
         rows = read_feed(conn, customer, limit=args.limit)
     print(f"feed for customer {customer} (version {version['version']}, feed date {version['feed_date']}, model {version['model_version']})")
@@ -207,6 +228,9 @@ def cmd_report(args) -> int:
     with connect(url) as conn:
         version = _served_version(conn)
     if version is None:
+        if args.json:  # a script reading stdout still gets one object
+            print(json.dumps({"feed_version": None, "feed_date": None, "model_version": None, "rows": 0,
+                              "customers": 0, "model": None, "ranking": None, "error": "no feed published yet"}))
         return 1
     report = {
         "feed_version": version["version"],
@@ -302,6 +326,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 0: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="feedpipe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -311,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--customers", type=_positive_int, default=10_000)
     d.add_argument("--products", type=_positive_int, default=2_000)
     d.add_argument("--days", type=_positive_int, default=90)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_non_negative_int, default=0)
     d.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     d.set_defaults(func=cmd_demo_data)
 
@@ -329,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("feed", help="print one customer's current feed")
     f.add_argument("customer_id", nargs="?", help="default: the first customer with a feed")
-    f.add_argument("--limit", type=int, default=None)
+    f.add_argument("--limit", type=_positive_int, default=None, help="at most this many ranks")
     f.set_defaults(func=cmd_feed)
 
     rep = sub.add_parser("report", help="the served feed's version and its model's evaluation")
@@ -358,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DatabaseError as e:
+        print(f"feedpipe: {e}", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        print(f"feedpipe: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave: exists already, not a directory, no permission
         print(f"feedpipe: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # input errors name file/column/rows; anything else is a bug and keeps its traceback

@@ -121,7 +121,7 @@ def read_schema(stored: StoredTable) -> pl.Schema:
                 raise InputError(f"{stored}: duplicate column name(s) in the header: {_quoted(duplicates)}")
             return pl.Schema({c: pl.Utf8 for c in header})
         schema = pl.scan_parquet(path).collect_schema()
-        return pl.Schema({c: pl.Utf8 if t == pl.Binary else t for c, t in schema.items()})
+        return pl.Schema({c: _as_text_type(t) for c, t in schema.items()})
     except (OSError, UnicodeDecodeError, csv.Error, pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
         raise InputError(f"{stored}: cannot read the file ({_expected_format(stored)}): {exc}") from exc
 
@@ -188,12 +188,29 @@ def iter_columns(stored: StoredTable, schema: pl.Schema, columns: list[str],
         offset += batch.num_rows
 
 
+def _as_text_type(dtype: pl.DataType) -> pl.DataType:
+    """Binary and lists of binary as text: some Parquet writers store strings without their UTF-8 annotation."""
+    if dtype == pl.Binary:
+        return pl.Utf8
+    if isinstance(dtype, pl.List) and dtype.inner == pl.Binary:
+        return pl.List(pl.Utf8)
+    return dtype
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
 def _as_stored(stored: StoredTable, schema: pl.Schema, table: pa.Table | pa.RecordBatch, offset: int = 0) -> RawTable:
     decoded, invalid = {}, {}
     for name in table.column_names:
         values = table.column(name)
-        if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+        if _is_binary(values.type):
             decoded[name], bad = decode_utf8(values)
+            if bad is not None:
+                invalid[name] = bad
+        elif (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)) and _is_binary(values.type.value_type):
+            decoded[name], bad = decode_utf8_lists(values)
             if bad is not None:
                 invalid[name] = bad
         else:
@@ -317,6 +334,24 @@ def decode_utf8(values: pa.Array | pa.ChunkedArray) -> tuple[pl.Series, pl.Serie
     shown = [v.decode("utf-8", "backslashreplace") for v in values.filter(pa.array(bad)).to_pylist()]
     text = pl.from_arrow(good).scatter(np.flatnonzero(bad), shown)
     return text, pl.Series(bad)
+
+
+def decode_utf8_lists(values: pa.Array | pa.ChunkedArray) -> tuple[pl.Series, pl.Series | None]:
+    """Lists of binary values -> (lists of text, mask of the rows holding a value that is not UTF-8, or None)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    values = values.cast(pa.large_list(pa.large_binary()))
+    # The list's own offsets cover the values buffer; flatten() would drop the slots under null lists.
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset : values.offset + len(values) + 1]
+    items = values.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    text, bad = decode_utf8(items)
+    lists = pa.LargeListArray.from_arrays(pa.array(offsets - offsets[0], pa.int64()), text.to_arrow(),
+                                          mask=values.is_null())
+    if bad is None:
+        return pl.from_arrow(lists), None
+    per_item = np.concatenate([[0], np.cumsum(bad.to_numpy(), dtype=np.int64)])
+    rows_bad = (per_item[offsets[1:] - offsets[0]] - per_item[offsets[:-1] - offsets[0]]) > 0
+    return pl.from_arrow(lists), pl.Series(rows_bad)
 
 
 def _invalid_utf8_mask(values: pa.Array) -> np.ndarray:

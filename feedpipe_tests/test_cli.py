@@ -50,3 +50,91 @@ def test_report_reads_the_evaluation_under_the_artifacts_root_it_is_given(tmp_pa
     assert cli.main(["report", "--json", "--artifacts", str(tmp_path / "elsewhere")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["auc"] == 0.9 and report["ranking"]["dlrm"]["recall"] == 0.5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["feed", "--limit", "-1"], "not a whole number of at least 1: '-1'"),
+    (["feed", "--limit", "0"], "not a whole number of at least 1: '0'"),
+    (["demo-data", "/tmp/x", "--seed", "-1"], "not a whole number of at least 0: '-1'"),
+])
+def test_bad_counts_exit_2_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ops: [unclosed", "is not valid YAML"),
+    ("- a\n- b\n", "must be a mapping"),
+])
+def test_a_bad_run_config_file_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, text, message):
+    from feedpipe import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "prepare_environment", lambda: calls.append("db") or "postgresql://unused")
+    bad = tmp_path / "run.yaml"
+    bad.write_text(text)
+    assert main(["run", "--run-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(bad) in err and "Traceback" not in err
+    assert calls == []  # refused before the database is even resolved
+
+
+def test_a_date_outside_the_partitions_is_refused_before_demo_data_is_built(monkeypatch, capsys):
+    from feedpipe import cli
+
+    monkeypatch.setattr(cli, "_demo_directory", lambda feed_date: pytest.fail("demo data built for a refused date"))
+    monkeypatch.setattr(cli, "prepare_environment", lambda: pytest.fail("database resolved for a refused date"))
+    assert main(["run", "--date", "1999-06-01"]) == 2
+    assert "outside the feed-date partitions" in capsys.readouterr().err
+
+
+def test_run_names_an_unreachable_database_at_once(monkeypatch, capsys):
+    from feedpipe import cli
+    from feedpipe.database import DatabaseError
+
+    def refuse(url):
+        raise DatabaseError("could not connect to postgresql://db.invalid/feed")
+
+    monkeypatch.setattr(cli, "prepare_environment", lambda: "postgresql://db.invalid/feed")
+    monkeypatch.setattr(cli, "connect", refuse)
+    monkeypatch.setattr(cli, "_demo_directory", lambda feed_date: pytest.fail("demo data built with no database"))
+    assert main(["run"]) == 1
+    assert "could not connect to postgresql://db.invalid/feed" in capsys.readouterr().err
+
+
+def test_a_run_config_that_does_not_fit_the_job_names_the_setting(tmp_path, monkeypatch, capsys):
+    from feedpipe import cli
+
+    monkeypatch.setenv("FEEDPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # no dagster.yaml: a throwaway local instance
+    monkeypatch.setattr(cli, "connect", lambda url: type("C", (), {"close": lambda self: None})())
+    monkeypatch.setattr(cli, "prepare_environment", lambda: "postgresql://unused")
+    monkeypatch.setattr(cli, "_demo_directory", lambda feed_date: tmp_path)
+    bad = tmp_path / "run.yaml"
+    bad.write_text("ops: {dlrm_model: {config: {epochs: four}}}\n")
+    assert main(["run", "--run-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the job's config" in err and "epochs" in err and "Traceback" not in err
+
+
+def test_report_json_with_nothing_served_is_still_one_object(monkeypatch, capsys):
+    import contextlib
+    import json
+
+    from feedpipe import cli
+
+    monkeypatch.setattr(cli, "resolve_database_url", lambda: "postgresql://unused")
+    monkeypatch.setattr(cli, "connect", lambda url: contextlib.nullcontext(None))
+    monkeypatch.setattr(cli, "_served_version", lambda conn: None)
+    assert main(["report", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["feed_version"] is None and report["error"] == "no feed published yet"
+
+
+def test_a_path_mistake_is_one_line(tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert main(["demo-data", str(target), "--customers", "5", "--products", "5", "--days", "2"]) == 1
+    err = capsys.readouterr().err
+    assert str(target) in err and "Traceback" not in err

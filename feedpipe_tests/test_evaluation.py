@@ -86,3 +86,14 @@ def test_ranking_metrics_match_a_hand_computed_case():
     assert m["coverage"] == pytest.approx(3 / 10)
     assert m["customers"] == 2
     assert m["recall"] == pytest.approx(recall_at_k(ranking, holdout, 2))
+
+
+@pytest.mark.parametrize("overrides, named", [({"k": 0}, "k must be >= 1"), ({"max_customers": -1}, "max_customers must be >= 1")])
+def test_an_evaluation_config_that_evaluates_nothing_names_the_setting(overrides, named):
+    import dagster as dg
+
+    from feedpipe.defs.evaluation import EvaluationConfig
+
+    assert EvaluationConfig().checked().k == 20
+    with pytest.raises(dg.Failure, match=named):
+        EvaluationConfig(**overrides).checked()

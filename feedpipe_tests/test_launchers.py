@@ -8,6 +8,7 @@ from datetime import date
 
 import dagster as dg
 import pytest
+import torch
 
 from feedpipe.definitions import build_resources, defs
 from feedpipe.defs.launchers import GPU_STEP_TAGS, LauncherResource, k8s_step_tags
@@ -162,3 +163,17 @@ def test_scoring_through_the_launcher_runs_on_the_compute_resources_device(mater
     result = dg.materialize(ASSETS, selection=["pair_scores"], partition_key=FEED_DATE, resources=resources,
                             instance=instance)
     assert result.success and seen == ["cpu"]
+
+
+@pytest.mark.parametrize("device, named", [("gpu", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"), ("mps", "must be")])
+def test_a_compute_device_torch_cannot_use_names_the_setting(device, named):
+    with pytest.raises(dg.Failure, match=re.escape(named)):
+        ComputeResource(device=device).torch_device()
+    assert ComputeResource(device="cpu").torch_device().type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a host without CUDA")
+def test_cuda_asked_for_on_a_host_without_it_says_so():
+    with pytest.raises(dg.Failure, match="sees no CUDA device"):
+        ComputeResource(device="cuda").torch_device()
+    assert ComputeResource(device="auto").torch_device().type == "cpu"

@@ -223,3 +223,34 @@ def test_vocabulary_drift_is_the_share_of_values_the_earlier_vocabulary_lacks():
     drift = {d.feature: d.oov_share for d in vocabulary_drift(today, specs, vocab)}
 
     assert drift == {"customers.customer_id": 0.25, "customers.region": pytest.approx(2 / 3)}
+
+
+def test_lists_of_binary_decode_like_binary_columns():
+    from feedpipe.table_files import decode_utf8_lists
+
+    values = pa.array([[b"a", b"caf\xc3\xa9"], None, [], [b"x\xe9"], [b"ok"]], type=pa.list_(pa.binary()))
+    for array in (values, values.slice(1)):  # an offset into the list's buffers too
+        text, bad = decode_utf8_lists(array)
+        expected = [["a", "café"], None, [], ["x\\xe9"], ["ok"]][len(values) - len(array):]
+        assert text.to_list() == expected
+        assert bad.to_list() == [False, False, False, True, False][len(values) - len(array):]
+    text, bad = decode_utf8_lists(pa.array([[b"a"], None], type=pa.list_(pa.binary())))
+    assert bad is None and text.to_list() == [["a"], None]
+
+
+def test_a_parquet_list_of_binary_attribute_is_text_and_its_bad_rows_are_quarantined(tmp_path):
+    """Some writers store strings without the UTF-8 annotation; a list of them is a multi-valued attribute."""
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "products.parquet"
+    pq.write_table(pa.table({
+        PRODUCT_ID: ["p1", "p2", "p3"],
+        "tags": pa.array([[b"red", b"sale"], [b"bl\xe9u"], [b"green"]], type=pa.list_(pa.binary())),
+    }), path)
+
+    load = load_products(StoredTable(PRODUCTS, path))
+
+    assert load.received == 3 and load.accepted.height + load.rejected.height == 3
+    assert load.accepted.get_column(PRODUCT_ID).to_list() == ["p1", "p3"]
+    assert load.accepted.get_column("tags").to_list() == [["red", "sale"], ["green"]]
+    assert load.rejected.select(REASON, COLUMN).rows() == [("invalid_utf8", "tags")]

@@ -23,6 +23,13 @@ class EvaluationConfig(dg.Config):
         "(at the default 0 a tie fails: a model that only matches popularity is not worth publishing)."
     )
 
+    def checked(self) -> "EvaluationConfig":
+        """This config, or a Failure naming the setting that cannot evaluate anything."""
+        for name in ("k", "max_customers"):
+            if getattr(self, name) < 1:
+                raise dg.Failure(f"model_evaluation's {name} must be >= 1, got {getattr(self, name)}")
+        return self
+
 
 @dg.asset(
     partitions_def=feed_date_partitions,
@@ -47,6 +54,7 @@ def model_evaluation(
     products: pl.DataFrame,
 ):
     """recall, NDCG, MAP, hit rate @K and coverage for every ranker on the held-out days; AUC and log loss."""
+    config = config.checked()
     truth_path = data.directory() / TRUTH_FILE
     truth = pl.read_parquet(truth_path) if truth_path.exists() else None
     ev = evaluate_rankers(

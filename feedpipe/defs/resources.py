@@ -72,4 +72,16 @@ class ComputeResource(dg.ConfigurableResource):
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise dg.Failure(f"compute.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise dg.Failure(f"compute.device is {self.device!r}, but this process sees no CUDA device "
+                             "(use 'auto' to fall back to the CPU)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise dg.Failure(f"compute.device is {self.device!r}, but this process sees "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+        return device
