@@ -137,7 +137,54 @@ def sqlalchemy_psycopg2_url(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password (in the user info, a `password=` query parameter or a key=value DSN) as `***`."""
+    """`url` with any password (in the user info, a `password=` query parameter or a key=value DSN) as `***`.
+
+    Never raises, and never returns a string from which libpq would read a password: the URL's own text is
+    redacted where Python's URL parser reads it as libpq does; where the two differ (a `#`, `?` or `[` in a
+    password, a percent-encoded parameter name) the URL is rebuilt from libpq's reading of it, and one
+    neither parser reads is not shown at all.
+    """
+    try:
+        params = {k: v for k, v in conninfo_to_dict(url).items() if v is not None}
+    except (psycopg.Error, TypeError, ValueError):
+        params = None
+    try:
+        shown = _redacted_text(url)
+    except ValueError:  # urlsplit refuses what libpq may take (an unbalanced '[' in a password)
+        shown = None
+    if shown is not None and params is not None and _shows_a_password(shown, params):
+        shown = None
+    if shown is None:
+        shown = _rebuilt_url(params) if params is not None else "<a database URL that does not parse, not shown>"
+    return shown
+
+
+def _shows_a_password(shown: str, params: Mapping[str, str]) -> bool:
+    secrets = [v for k, v in params.items() if k.endswith("password") and v and v != _REDACTED]
+    if any(s in shown for s in secrets):
+        return True
+    try:
+        read = conninfo_to_dict(shown)
+    except (psycopg.Error, TypeError, ValueError):
+        return False
+    return any(k.endswith("password") and v not in (None, "", _REDACTED) for k, v in read.items())
+
+
+def _rebuilt_url(params: Mapping[str, str]) -> str:
+    """A postgresql:// URL of libpq's parameters with every password as `***`."""
+    user = quote(params.get("user", ""), safe="")
+    userinfo = f"{user}:{_REDACTED}@" if params.get("password") else (f"{user}@" if user else "")
+    host = params.get("host", "")
+    netloc = userinfo + ("" if host.startswith("/") else quote(host, safe=":[],"))
+    if params.get("port"):
+        netloc += f":{params['port']}"
+    query = [(k, _REDACTED if k.endswith("password") else v) for k, v in params.items()
+             if k not in ("user", "password", "port", "dbname") and not (k == "host" and not host.startswith("/"))]
+    tail = "&".join(f"{k}={v if v == _REDACTED else quote(v, safe='/')}" for k, v in query)
+    return f"postgresql://{netloc}/{quote(params.get('dbname', ''), safe='')}" + (f"?{tail}" if tail else "")
+
+
+def _redacted_text(url: str) -> str:
     if "://" not in url:
         return _KEYWORD_PASSWORD.sub(rf"\g<1>{_REDACTED}", url)
     parts = urlsplit(url)

@@ -152,14 +152,18 @@ def _migration_0001(cur: psycopg.Cursor) -> None:
         cur.execute(view_sql(None, {}))
 
 
+def version_view_sql() -> sql.Composed:
+    """The view of the served version's row. The switch issues it again to take the view's lock: a reader
+    holding it in a transaction then keeps the switch waiting, as one holding `current_feed` does."""
+    return sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT {} FROM {} WHERE status = 'current'").format(
+        qualified(VERSION_VIEW), sql.SQL(", ").join(map(sql.Identifier, VERSION_VIEW_COLUMNS)),
+        qualified(VERSIONS_TABLE),
+    )
+
+
 def _migration_0002(cur: psycopg.Cursor) -> None:
     # A view runs with its owner's rights, so readers learn the served version without SELECT on feed_versions.
-    cur.execute(
-        sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT {} FROM {} WHERE status = 'current'").format(
-            qualified(VERSION_VIEW), sql.SQL(", ").join(map(sql.Identifier, VERSION_VIEW_COLUMNS)),
-            qualified(VERSIONS_TABLE),
-        )
-    )
+    cur.execute(version_view_sql())
 
 
 # Append only: an id, once applied somewhere, means the same change forever.

@@ -34,6 +34,7 @@ from feedpipe.feed_schema import (
     SCHEMA_LOCK_KEY,
     TABLE_PREFIX,
     VERSION_SEQUENCE,
+    VERSION_VIEW,
     VERSIONS_TABLE,
     VIEW,
     column_list,
@@ -41,6 +42,7 @@ from feedpipe.feed_schema import (
     create_table_sql,
     init_schema,
     qualified,
+    version_view_sql,
     view_sql,
 )
 
@@ -69,12 +71,16 @@ class PublishLockTimeout(PublishError):
 class PublishResult:
     version: int
     table_name: str
-    rows: int
+    rows: int  # sent
     customers: int
     seconds: float
     copy_seconds: float
     index_seconds: float
     dropped_tables: tuple[str, ...] = field(default=())
+    rows_loaded: int = -1  # what the server's COPY reported storing
+    # False: loaded and kept (a view switch away, like a retired version), but a newer feed date stays served
+    served: bool = True
+    served_feed_date: dt.date | None = None  # the feed date being served after this publish
 
 
 def publish_feed(
@@ -91,6 +97,7 @@ def publish_feed(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     maintenance_work_mem: str = "256MB",
     allow_empty: bool = False,
+    replace_newer: bool = False,
 ) -> PublishResult:
     """Load `feed` into a new version table and make it what `feedpipe.current_feed` serves.
 
@@ -98,6 +105,10 @@ def publish_feed(
     bounds how long the switch (and each drop) may queue behind readers, during which new readers queue behind it;
     the switch is retried `switch_attempts` times. A concurrent publish waits up to `publish_lock_wait_s` for this
     one. An empty feed is refused unless `allow_empty`: served, it would blank every customer's feed.
+
+    A feed for an older date than the one served (a backfill beside the nightly) is loaded and kept but not
+    served, unless `replace_newer`: otherwise whichever of two partitions' publishes finished last would be
+    what readers see. A feed for the same date (a rerun) replaces it.
     """
     if retention < 1:
         raise ValueError(f"retention must be >= 1 (the current version), got {retention}")
@@ -122,10 +133,11 @@ def publish_feed(
         ).fetchone()[0]
         table = f"{TABLE_PREFIX}{version}"
         try:
-            copy_seconds, index_seconds = _load(conn, table, feed, chunk_rows, maintenance_work_mem)
+            copy_seconds, index_seconds, rows_loaded = _load(conn, table, feed, chunk_rows, maintenance_work_mem)
             customers = customers_counted.result()
             _pause_point("switch")
-            _switch(conn, version, table, customers, feed_date, model_version, lock_timeout_ms, switch_attempts)
+            served, served_date = _switch(conn, version, table, customers, feed_date, model_version, lock_timeout_ms,
+                                          switch_attempts, replace_newer)
         except BaseException:
             _mark_failed(conn, version, table, lock_timeout_ms)
             raise
@@ -133,11 +145,12 @@ def publish_feed(
     result = PublishResult(
         version=version, table_name=f"{SCHEMA}.{table}", rows=rows, customers=customers,
         seconds=time.perf_counter() - started, copy_seconds=copy_seconds, index_seconds=index_seconds,
-        dropped_tables=tuple(dropped),
+        dropped_tables=tuple(dropped), rows_loaded=rows_loaded, served=served, served_feed_date=served_date,
     )
     logger.info(
-        "published %s: %d rows, %d customers in %.1f s (copy %.1f s, index+analyze %.1f s) on %s",
-        result.table_name, rows, customers, result.seconds, copy_seconds, index_seconds, redact_url(url),
+        "%s %s: %d rows, %d customers in %.1f s (copy %.1f s, index+analyze %.1f s) on %s",
+        "published" if served else f"loaded (not served: {served_date} is newer)", result.table_name, rows, customers,
+        result.seconds, copy_seconds, index_seconds, redact_url(url),
     )
     return result
 
@@ -191,8 +204,9 @@ def _clean_orphans(conn: psycopg.Connection, lock_timeout_ms: int) -> None:
 
 def _load(
     conn: psycopg.Connection, table: str, feed: FeedArrays, chunk_rows: int, maintenance_work_mem: str
-) -> tuple[float, float]:
-    """Create, fill, index and analyze the version table in one transaction; returns (copy, index) seconds.
+) -> tuple[float, float, int]:
+    """Create, fill, index and analyze the version table in one transaction; returns (copy, index) seconds and
+    the rows the server's COPY stored.
 
     Creating the table in the COPY's transaction allows FREEZE: rows are written frozen and their pages all-visible
     (PostgreSQL >= 14), so index-only scans skip the heap from the first query without waiting for a VACUUM, and
@@ -210,24 +224,39 @@ def _load(
                 copy.write(block)
                 if i == 1:  # the signature and a first chunk of rows are with the server
                     _pause_point("copy")
+        loaded = cur.rowcount  # from the server's "COPY n"
         t1 = time.perf_counter()
         cur.execute(create_index_sql(table))
         cur.execute(sql.SQL("ANALYZE {}").format(qualified(table)))
         t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, loaded
 
 
 def _switch(
     conn: psycopg.Connection, version: int, table: str, customers: int, feed_date: dt.date, model_version: str,
-    lock_timeout_ms: int, attempts: int,
-) -> None:
-    """Point the view at `table` and record it current, in one transaction short enough to be atomic for readers."""
+    lock_timeout_ms: int, attempts: int, replace_newer: bool = False,
+) -> tuple[bool, dt.date]:
+    """Point the view at `table` and record it current, in one transaction short enough to be atomic for readers.
+
+    Returns (served, the feed date served after it): a feed older than the served one is recorded 'retired'
+    (kept, not served) unless `replace_newer`.
+    """
     view = view_sql(table, {"feed_date": feed_date, "model_version": model_version})
     for attempt in range(1, attempts + 1):
         try:
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_timeout_ms)}ms"])
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK_KEY])
+                cur.execute(sql.SQL("SELECT feed_date FROM {} WHERE status = 'current'").format(
+                    qualified(VERSIONS_TABLE)))
+                current = cur.fetchone()
+                if current is not None and current[0] > feed_date and not replace_newer:
+                    cur.execute(
+                        sql.SQL("UPDATE {} SET status = 'retired', customers = %s WHERE version = %s").format(
+                            qualified(VERSIONS_TABLE)),
+                        [customers, version],
+                    )
+                    return False, current[0]
                 cur.execute(
                     sql.SQL("UPDATE {} SET status = 'retired' WHERE status = 'current'").format(
                         qualified(VERSIONS_TABLE)
@@ -239,15 +268,19 @@ def _switch(
                     ).format(qualified(VERSIONS_TABLE)),
                     [customers, version],
                 )
-                # Last: from here to the commit the view is locked and new readers queue behind it.
-                # CREATE OR REPLACE keeps the view's grants (init_schema granted them at this publish's start).
+                # Last: from here to the commit the views are locked and new readers queue behind them. The
+                # version view first: a reader that read it in a transaction keeps the switch waiting, so its
+                # later reads of current_feed still see the version it read. CREATE OR REPLACE keeps the views'
+                # grants (init_schema granted them at this publish's start).
+                cur.execute(version_view_sql())
                 cur.execute(view)
-            return
+            return True, feed_date
         except psycopg.errors.LockNotAvailable:
             holders = conn.execute(
                 "SELECT pid, now() - query_start FROM pg_stat_activity WHERE pid IN ("
-                "  SELECT pid FROM pg_locks WHERE relation = to_regclass(%s) AND granted) AND pid <> pg_backend_pid()",
-                [f"{SCHEMA}.{VIEW}"],
+                "  SELECT pid FROM pg_locks WHERE relation IN (to_regclass(%s), to_regclass(%s)) AND granted) "
+                "AND pid <> pg_backend_pid()",
+                [f"{SCHEMA}.{VIEW}", f"{SCHEMA}.{VERSION_VIEW}"],
             ).fetchall()
             logger.warning(
                 "switch to %s attempt %d/%d: readers held %s.%s past %d ms (pid, running for): %s",

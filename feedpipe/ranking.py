@@ -177,3 +177,23 @@ def popularity_ranking(
         .filter(pl.col(RANK) <= top_n)
         .select(CUSTOMER_ID, PRODUCT_ID, RANK, (pl.col("buyers") / n_buyers).cast(pl.Float32).alias(SCORE))
     )
+
+
+def customers_without_scores(
+    in_window: pl.DataFrame, scores: pl.DataFrame, products: pl.DataFrame, exclude: pl.DataFrame | None
+) -> tuple[int, int, int]:
+    """(customers with history in the window, those of them with no scores, those who bought every product).
+
+    A customer whose exclusions cover the whole catalogue has nothing left to recommend: no rows, and not a
+    fault of the scorer, so they are counted apart rather than as missing.
+    """
+    with_history = in_window.select(CUSTOMER_ID).unique()
+    exhausted = with_history.clear()
+    if exclude is not None and products.height:
+        exhausted = (
+            exclude.join(products.select(PRODUCT_ID), on=PRODUCT_ID, how="semi").group_by(CUSTOMER_ID)
+            .agg(pl.col(PRODUCT_ID).n_unique().alias("n")).filter(pl.col("n") >= products.height).select(CUSTOMER_ID)
+        )
+    unscored = with_history.join(scores.select(CUSTOMER_ID).unique(), on=CUSTOMER_ID, how="anti")
+    missing = unscored.join(exhausted, on=CUSTOMER_ID, how="anti").height
+    return with_history.height, missing, unscored.height - missing

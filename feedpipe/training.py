@@ -242,6 +242,8 @@ def evaluate_examples(model: TwoSidedDLRM, data: ExampleTensors, batch_size: int
     logits = torch.cat([forward_examples(model, data, rows) for rows in batches])
     labels = data.labels.to(logits.device)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
+    if labels.numel() == 0 or bool((labels == labels[0]).all()):
+        return loss, math.nan  # one class: AUC is undefined (torchmetrics would say 0.0, which reads as a bad model)
     auc = binary_auroc(torch.sigmoid(logits), labels.long()).item()
     return loss, auc
 

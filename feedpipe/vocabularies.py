@@ -58,7 +58,10 @@ class Vocabularies:
         return FIRST_VALUE_INDEX if idx.is_empty() else int(idx.max()) + 1
 
     def sizes(self) -> dict[str, int]:
-        return {f: self.size(f) for f in self.features()}
+        """Every categorical feature's table size, those with no value kept too (all values rarer than
+        `min_count`, all null, every bag empty): they still get an embedding table of the reserved rows."""
+        named = [feature_key(s) for s in self.customer_specs + self.product_specs if s.role != DENSE]
+        return {f: self.size(f) for f in dict.fromkeys(self.features() + named)}
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

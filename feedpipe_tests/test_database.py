@@ -4,6 +4,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import psycopg
 
 from feedpipe.database import (
     DatabaseError,
@@ -101,3 +102,23 @@ def test_embedded_server_outlives_its_handle_until_stopped(tmp_path: Path):
     assert stop_embedded_server(home) is False
     with pytest.raises(DatabaseError):
         connect(url, connect_timeout=2)
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://postgres:pa#Sekr1t@127.0.0.1/feed",  # '#': urlsplit reads a fragment, libpq a password
+    "postgresql://u:pa?Sekr1t@h/db",
+    "postgresql://u@h/db?%70assword=Sekr1t",  # a percent-encoded parameter name
+    "postgresql://u@h/db?password=ab#Sekr1t",
+    "postgresql://u:Se[kr1t@h/db",  # urlsplit raises on the '['
+    "postgresql://u:Sekr1t@[::1/db",  # neither parses it
+])
+def test_redact_url_never_shows_a_password_libpq_would_read_and_never_raises(url):
+    from psycopg.conninfo import conninfo_to_dict
+
+    shown = redact_url(url)
+    assert "Sekr1t" not in shown
+    try:
+        read = conninfo_to_dict(shown)
+    except psycopg.Error:
+        return
+    assert read.get("password") in (None, "***")

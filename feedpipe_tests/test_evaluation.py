@@ -97,3 +97,12 @@ def test_an_evaluation_config_that_evaluates_nothing_names_the_setting(overrides
     assert EvaluationConfig().checked().k == 20
     with pytest.raises(dg.Failure, match=named):
         EvaluationConfig(**overrides).checked()
+
+
+def test_the_gate_compares_ndcg_where_k_covers_the_catalogue():
+    """With K >= the products every ranker lists them all and recall ties at 1.0: the order decides."""
+    from feedpipe.defs.evaluation import gate_metric
+
+    assert gate_metric(20, 2000) == "recall"
+    assert gate_metric(20, 12) == gate_metric(20, 20) == "ndcg"
+

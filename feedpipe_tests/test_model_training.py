@@ -301,3 +301,17 @@ def test_forced_bf16_where_it_is_emulated_is_named_in_the_log(data, monkeypatch)
         lines: list[str] = []
         train_dlrm(train, valid, shape, cfg, log=lines.append)
         assert any("is emulated" in line for line in lines) == warned, lines
+
+
+def test_validation_auc_of_one_class_is_undefined_not_zero(data):
+    """No negatives (every customer bought every product): torchmetrics says 0.0, which reads as a bad model."""
+    from feedpipe.training import ExampleTensors, evaluate_examples
+
+    _, _, vocab, examples = data
+    _, valid = split_examples(examples, CUSTOMER_SPECS, PRODUCT_SPECS)
+    model = TwoSidedDLRM(model_shape(CUSTOMER_SPECS, PRODUCT_SPECS, vocab, FAST))
+    loss, auc = evaluate_examples(model, valid)
+    assert math.isfinite(loss) and 0.0 <= auc <= 1.0
+    positives = ExampleTensors(valid.customers, valid.products, torch.ones_like(valid.labels))
+    loss, auc = evaluate_examples(model, positives)
+    assert math.isfinite(loss) and math.isnan(auc)

@@ -402,3 +402,40 @@ def test_bad_columns_are_reported_by_name_and_first_rows():
         FeedArrays(ids, ids, np.array([2**40, 1, 2]), np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="differ in length"):
         FeedArrays(ids, ids, np.arange(2), np.zeros(3, np.float32))
+
+
+def test_a_backfill_of_an_older_date_is_kept_but_the_newest_date_stays_served(pg_url):
+    nightly = publish_feed(pg_url, grid_feed(3, 2, tag="-new"), feed_date=DAY + dt.timedelta(days=9), model_version="m10")
+    backfill = publish_feed(pg_url, grid_feed(4, 2, tag="-old"), feed_date=DAY, model_version="m01")
+    assert nightly.served and not backfill.served
+    assert backfill.served_feed_date == DAY + dt.timedelta(days=9) and backfill.rows_loaded == 8
+    with connect(pg_url) as conn:
+        served = conn.execute("SELECT DISTINCT feed_date, model_version FROM feedpipe.current_feed").fetchall()
+        versions = {v["version"]: v for v in list_versions(conn)}
+        assert current_version(conn)["version"] == nightly.version
+    assert served == [(DAY + dt.timedelta(days=9), "m10")]
+    assert versions[backfill.version]["status"] == "retired" and versions[backfill.version]["table_exists"]
+    rerun = publish_feed(pg_url, grid_feed(3, 2, tag="-rerun"), feed_date=DAY + dt.timedelta(days=9), model_version="m11")
+    forced = publish_feed(pg_url, grid_feed(2, 2, tag="-forced"), feed_date=DAY, model_version="m02", replace_newer=True)
+    assert rerun.served and forced.served and forced.served_feed_date == DAY
+    with connect(pg_url) as conn:
+        assert conn.execute("SELECT DISTINCT model_version FROM feedpipe.current_feed").fetchall() == [("m02",)]
+
+
+def test_rows_loaded_is_what_the_servers_copy_stored(pg_url):
+    result = publish_feed(pg_url, grid_feed(6, 3), feed_date=DAY, model_version="m1")
+    with connect(pg_url) as conn:
+        assert result.rows_loaded == version_rows(conn, result.version) == result.rows == 18
+
+
+def test_a_reader_of_the_version_view_keeps_the_switch_waiting_so_its_feed_matches(pg_url):
+    """docs/sql-interface.md: several statements in one transaction see one version, whichever view comes first."""
+    publish_feed(pg_url, grid_feed(3, 2, tag="-v0"), feed_date=DAY, model_version="m0")
+    with connect(pg_url) as reader:
+        version = reader.execute("SELECT model_version FROM feedpipe.current_feed_version").fetchone()[0]
+        with pytest.raises(PublishError, match="long-running readers"):
+            publish_feed(pg_url, grid_feed(3, 2, tag="-v1"), feed_date=DAY + dt.timedelta(days=1), model_version="m1",
+                         lock_timeout_ms=100, switch_attempts=2)
+        feed = reader.execute("SELECT DISTINCT model_version FROM feedpipe.current_feed").fetchall()
+        reader.rollback()
+    assert version == "m0" and feed == [("m0",)]

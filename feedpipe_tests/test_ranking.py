@@ -57,3 +57,14 @@ def test_bf16_reranked_in_fp32_ranks_like_fp32(trained):
     reranked = model_ranking(model, customers, products, top_n=5, dtype=torch.bfloat16, rerank=True)
     assert reranked.select("customer_id", "product_id", "rank").equals(fp32.select("customer_id", "product_id", "rank"))
     assert top_k_overlap(model, customers, products, rerank=True, k=5) == 1.0
+
+
+def test_a_customer_who_bought_every_product_is_not_counted_missing():
+    from feedpipe.ranking import customers_without_scores
+
+    products = pl.DataFrame({"product_id": ["p1", "p2"]})
+    window = pl.DataFrame({"customer_id": ["all", "all", "some", "lost"], "product_id": ["p1", "p2", "p1", "p1"]})
+    scores = pl.DataFrame({"customer_id": ["some"], "product_id": ["p2"]})
+    exclude = window.unique()
+    assert customers_without_scores(window, scores, products, exclude) == (3, 1, 1)  # "lost" is missing
+    assert customers_without_scores(window, scores, products, None) == (3, 2, 0)

@@ -96,3 +96,10 @@ def test_oov_share_counts_unknown_values_only():
     vocab = build_vocabularies({CUSTOMERS: _customers(["a", "b"])}, [REGION])
     share = oov_share(pl.Series("region", ["a", "x", "y", None]), vocab.for_feature("customers.region"), CATEGORICAL)
     assert share == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("regions, min_count", [(["a", "b", "c"], 2), ([None, None, None], 1)])
+def test_a_feature_left_with_no_value_still_has_a_size(regions, min_count):
+    """All values rarer than min_count (a zip code), or all null: the model still needs its (reserved-rows) table."""
+    vocab = build_vocabularies({CUSTOMERS: _customers(regions)}, [REGION], min_count=min_count)
+    assert vocab.sizes()["customers.region"] == FIRST_VALUE_INDEX

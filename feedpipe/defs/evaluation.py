@@ -82,15 +82,23 @@ def model_evaluation(
             "notes": "; ".join(ev.notes),
         },
     )
-    margin = dlrm["recall"] - pop["recall"]
+    # With K at least the catalogue, every ranker's top K holds every product and recall ties: only the
+    # order can tell them apart, so the gate compares NDCG then.
+    metric = gate_metric(ev.k, products.height)
+    margin = dlrm[metric] - pop[metric]
     passed = margin > config.min_margin_over_popularity  # NaN (no evaluated customers) fails too
     yield dg.AssetCheckResult(
         check_name="beats_popularity",
         passed=bool(passed),
-        metadata={"dlrm_recall": dlrm["recall"], "popularity_recall": pop["recall"], "margin": margin,
-                  "required_margin": config.min_margin_over_popularity},
+        metadata={f"dlrm_{metric}": dlrm[metric], f"popularity_{metric}": pop[metric], "margin": margin,
+                  "required_margin": config.min_margin_over_popularity, "compared": f"{metric}@{ev.k}"},
         description=None if passed else (
-            f"DLRM recall@{ev.k} {dlrm['recall']:.4f} does not beat popularity {pop['recall']:.4f} by "
+            f"DLRM {metric}@{ev.k} {dlrm[metric]:.4f} does not beat popularity {pop[metric]:.4f} by "
             f"{config.min_margin_over_popularity}: the feed is not published and yesterday's stays current"
         ),
     )
+
+
+def gate_metric(k: int, products: int) -> str:
+    """What beats_popularity compares: recall@K, or NDCG@K where K covers the whole catalogue."""
+    return "ndcg" if k >= products else "recall"

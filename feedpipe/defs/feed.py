@@ -7,15 +7,13 @@ import torch
 from pydantic import Field
 
 from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
-from feedpipe.database import connect
 from feedpipe.defs.ingest import feed_date_of
 from feedpipe.defs.launchers import GPU_STEP_TAGS, LauncherResource
 from feedpipe.defs.metadata import frame_metadata
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ComputeResource, DatabaseResource
-from feedpipe.feed_queries import version_rows
 from feedpipe.publishing import FeedArrays, publish_feed
-from feedpipe.ranking import RANK, SCORE, model_ranking, top_k_overlap
+from feedpipe.ranking import RANK, SCORE, customers_without_scores, model_ranking, top_k_overlap
 from feedpipe.scoring import precision
 from feedpipe.scoring_runtime import emulated_precision_warning
 from feedpipe.training import TrainedModel
@@ -37,6 +35,10 @@ class ScoringConfig(dg.Config):
 class FeedConfig(dg.Config):
     k: int = Field(default=20, description="Feed length per customer.")
     retention: int = Field(default=3, description="Feed versions kept in Postgres (the current one included).")
+    serve_older_feed_date: bool = Field(
+        default=False, description="Serve this feed even when a newer feed date is served (a backfill is otherwise "
+        "loaded and kept, a view switch away, but readers stay on the newest date)."
+    )
 
 
 @dg.asset(
@@ -109,8 +111,7 @@ def pair_scores(
         )
     pairs = customers.height * products.height
     null_ids = scores.filter(pl.col(CUSTOMER_ID).is_null() | pl.col(PRODUCT_ID).is_null()).height
-    with_history = in_window.select(CUSTOMER_ID).unique()
-    missing = with_history.join(scores.select(CUSTOMER_ID).unique(), on=CUSTOMER_ID, how="anti").height
+    with_history, missing, exhausted = customers_without_scores(in_window, scores, products, exclude)
     yield dg.Output(
         scores,
         metadata=frame_metadata(
@@ -133,7 +134,7 @@ def pair_scores(
     yield dg.AssetCheckResult(
         check_name="customers_with_history_have_scores",
         passed=missing == 0,
-        metadata={"customers_with_history": with_history.height, "missing": missing},
+        metadata={"customers_with_history": with_history, "missing": missing, "bought_every_product": exhausted},
     )
 
 
@@ -181,9 +182,14 @@ def ranked_feed(
         model_version=dlrm_model.version,
         run_id=context.run_id,
         retention=config.retention,
+        replace_newer=config.serve_older_feed_date,
     )
-    with connect(database.url()) as conn:  # what the database holds, not what was sent
-        in_table = version_rows(conn, result.version)
+    in_table = result.rows_loaded  # what the server's COPY stored, not what was sent
+    if not result.served:
+        context.log.warning(
+            f"feed version {result.version} for {feed_date_of(context)} is loaded but not served: the served feed is "
+            f"for {result.served_feed_date}, which is newer (set serve_older_feed_date to serve this one)"
+        )
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": result.rows,
@@ -194,6 +200,8 @@ def ranked_feed(
             "publish_seconds": round(result.seconds, 2),
             "model_version": dlrm_model.version,
             "view": "feedpipe.current_feed",
+            "served": result.served,
+            "served_feed_date": str(result.served_feed_date),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -1,6 +1,7 @@
 """Model assets: vocabularies -> training_examples -> dlrm_model, with the blocking quality check."""
 
 
+import math
 from dataclasses import asdict, fields, replace
 from typing import Optional
 
@@ -219,6 +220,9 @@ def dlrm_model(
         passed=bool(best.val_auc >= config.min_validation_auc),
         metadata={"validation_auc": best.val_auc, "floor": config.min_validation_auc},
         description=None if best.val_auc >= config.min_validation_auc else (
+            "validation AUC is undefined: the validation examples hold one class only (no negatives could be "
+            "sampled: does every customer buy every product?); the feed will not be published"
+            if math.isnan(best.val_auc) else
             f"validation AUC {best.val_auc:.4f} is below the floor {config.min_validation_auc}: the feed will not be published"
         ),
     )
