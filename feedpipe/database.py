@@ -57,6 +57,11 @@ def feedpipe_home(environ: Mapping[str, str] = os.environ) -> Path:
 def resolve_database_url(environ: Mapping[str, str] = os.environ) -> str:
     """The libpq URL feedpipe uses: `FEEDPIPE_DATABASE_URL`, else the embedded server's (started if needed)."""
     url = environ.get(DATABASE_URL_ENV)
+    if url is not None and not url.strip():
+        # An empty secret (a missing key in a mounted secret, say) would otherwise publish into an embedded
+        # server nobody reads, and report success.
+        raise DatabaseError(f"{DATABASE_URL_ENV} is set but empty: set it to the feed database's URL, or unset "
+                            "it to use the embedded server")
     if url:
         return url
     return _embedded_server_url(feedpipe_home(environ))

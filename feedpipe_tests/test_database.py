@@ -122,3 +122,13 @@ def test_redact_url_never_shows_a_password_libpq_would_read_and_never_raises(url
     except psycopg.Error:
         return
     assert read.get("password") in (None, "***")
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_a_set_but_empty_database_url_is_refused_not_read_as_embedded(value, tmp_path):
+    """An empty secret would otherwise publish into an embedded server nobody reads, and report success."""
+    from feedpipe.database import DATABASE_URL_ENV, HOME_ENV, DatabaseError, resolve_database_url
+
+    with pytest.raises(DatabaseError, match=f"{DATABASE_URL_ENV} is set but empty"):
+        resolve_database_url({DATABASE_URL_ENV: value, HOME_ENV: str(tmp_path)})
+    assert not (tmp_path / "pgdata").exists()  # no embedded server was started
