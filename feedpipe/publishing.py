@@ -121,6 +121,7 @@ def publish_feed(
     # process mostly waits on the server, and the count is recorded at the switch.
     with ThreadPoolExecutor(1, thread_name_prefix="feedpipe-count") as pool, connect(url, autocommit=True) as conn:
         customers_counted = pool.submit(feed.customers)
+        guard_publish_session(conn)
         init_schema(conn)
         _acquire_publish_lock(conn, url, publish_lock_wait_s)
         _clean_orphans(conn, lock_timeout_ms)
@@ -153,6 +154,23 @@ def publish_feed(
         result.seconds, copy_seconds, index_seconds, redact_url(url),
     )
     return result
+
+
+# A publisher that freezes inside a transaction, or whose host or network dies, would keep the publish lock (and,
+# during a switch, the views' locks, queueing every reader) until TCP gives up: hours by the OS's defaults. The
+# server ends such a session instead: idle in a transaction for this long (a publish never is: it is always
+# sending or waiting on the server), or unanswered keepalives for ~2 minutes (TCP connections only).
+PUBLISH_IDLE_IN_TRANSACTION_S = 300
+
+
+def guard_publish_session(conn: psycopg.Connection, idle_in_transaction_s: float = PUBLISH_IDLE_IN_TRANSACTION_S) -> None:
+    """Have the server end this session if its client stops answering (see PUBLISH_IDLE_IN_TRANSACTION_S)."""
+    conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
+        "set_config('tcp_keepalives_idle', '60', false), set_config('tcp_keepalives_interval', '10', false), "
+        "set_config('tcp_keepalives_count', '6', false)",
+        [f"{int(idle_in_transaction_s * 1000)}ms"],
+    )
 
 
 def _acquire_publish_lock(conn: psycopg.Connection, url: str, wait_s: float) -> None:

@@ -439,3 +439,21 @@ def test_a_reader_of_the_version_view_keeps_the_switch_waiting_so_its_feed_match
         feed = reader.execute("SELECT DISTINCT model_version FROM feedpipe.current_feed").fetchall()
         reader.rollback()
     assert version == "m0" and feed == [("m0",)]
+
+
+def test_a_publisher_frozen_inside_a_transaction_is_ended_by_the_server_and_frees_its_locks(pg_url):
+    from feedpipe.publishing import guard_publish_session
+
+    frozen = connect(pg_url)
+    try:
+        guard_publish_session(frozen, idle_in_transaction_s=0.5)
+        frozen.execute("SELECT pg_advisory_lock(%s)", [PUBLISH_LOCK_KEY])  # as a publish holds it
+        frozen.execute("SELECT 1")  # inside a transaction (psycopg opens one), then nothing more
+        time.sleep(1.5)
+        with connect(pg_url, autocommit=True) as other:
+            assert other.execute("SELECT pg_try_advisory_lock(%s)", [PUBLISH_LOCK_KEY]).fetchone()[0]
+            other.execute("SELECT pg_advisory_unlock(%s)", [PUBLISH_LOCK_KEY])
+        with pytest.raises(psycopg.Error, match="idle-in-transaction timeout"):
+            frozen.execute("SELECT 1")
+    finally:
+        frozen.close()
