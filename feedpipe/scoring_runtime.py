@@ -170,7 +170,12 @@ def run_units(units: list[tuple[int, int]], work, workers: int) -> None:
                     if not queue:
                         return
                     start, stop = queue.pop()
-                work(start, stop)
+                try:
+                    work(start, stop)
+                except BaseException:
+                    with lock:  # the others stop after their current unit, not at the end of the stage
+                        queue.clear()
+                    raise
 
     with ThreadPoolExecutor(workers) as pool:
         for fut in [pool.submit(worker) for _ in range(workers)]:

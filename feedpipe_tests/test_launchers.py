@@ -145,6 +145,7 @@ def test_a_failing_rank_fails_the_asset_with_its_error_and_leaves_no_scratch(mat
     assert re.search(r"train failed on [12] rank\(s\):\nrank [01]: ColumnNotFoundError: .*\"split\"", message)
     assert "External execution process failed" not in message
     assert not any((tmp_path / "scratch").rglob("*.parquet"))  # the examples' copy is gone
+    assert not any((tmp_path / "scratch").iterdir())  # and the run's folder with it
 
 
 def test_scoring_through_the_launcher_runs_on_the_compute_resources_device(materialized, tmp_path):
@@ -177,3 +178,26 @@ def test_cuda_asked_for_on_a_host_without_it_says_so():
     with pytest.raises(dg.Failure, match="sees no CUDA device"):
         ComputeResource(device="cuda").torch_device()
     assert ComputeResource(device="auto").torch_device().type == "cpu"
+
+
+def test_kubernetes_mode_without_the_artifacts_claim_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEEDPIPE_K8S_ARTIFACTS_CLAIM", raising=False)
+    launcher = LauncherResource(artifacts=build_resources(artifacts_root=str(tmp_path))["artifacts"], mode="kubernetes")
+    with pytest.raises(dg.Failure, match="artifacts_claim"):
+        launcher.pod_spec()
+
+
+def test_rank_failures_list_causes_before_lost_peers_and_name_the_silent_ranks(tmp_path):
+    from feedpipe.defs.launchers import rank_failure
+
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    (errors / "rank-0.txt").write_text("RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:5000")
+    (errors / "rank-2.txt").write_text("ColumnNotFoundError: split")
+    message = rank_failure("train", errors, RuntimeError("External execution process failed"), ranks=4)
+    lines = message.splitlines()
+    assert lines[0] == "train failed on 2 rank(s):"
+    assert lines[1].startswith("rank 2: ColumnNotFoundError") and lines[2].startswith("rank 0: RuntimeError: [gloo]")
+    assert "rank(s) 1, 3 wrote no report: killed (out of memory?)" in lines[3]
+    (errors / "rank-0.txt").unlink(), (errors / "rank-2.txt").unlink()
+    assert "no rank wrote an error report" in rank_failure("score", errors, RuntimeError("code 1"), ranks=2)

@@ -374,3 +374,21 @@ def test_emulated_bf16_is_named_so_before_it_runs_slow(monkeypatch):
     assert message is not None and "bfloat16 on this cpu is emulated" in message and "fp32" in message
     monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
     assert runtime.emulated_precision_warning(cpu, torch.bfloat16) is None
+
+
+def test_a_failing_unit_stops_the_other_workers_after_their_current_unit():
+    import threading
+
+    from feedpipe.scoring_runtime import run_units
+
+    done, lock = [], threading.Lock()
+
+    def work(start, stop):
+        if start == 0:
+            raise ValueError("unit 0 failed")
+        with lock:
+            done.append(start)
+
+    with pytest.raises(ValueError, match="unit 0 failed"):
+        run_units([(i, i + 1) for i in range(200)], work, workers=2)
+    assert len(done) < 10  # not the whole queue: at most the units already taken

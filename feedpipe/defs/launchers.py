@@ -71,14 +71,28 @@ GPU_STEP_TAGS = k8s_step_tags(
 )
 
 
-def rank_failure(job: str, errors: Path, error: Exception) -> str:
-    """The asset's failure message: what the ranks wrote to `errors` (distributed_jobs --errors), lowest
-    rank first, else the launcher's own error (a pod that never started, say)."""
+# What a rank reports when another rank died first: an effect, listed after the causes.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def rank_failure(job: str, errors: Path, error: Exception, ranks: int | None = None) -> str:
+    """The asset's failure message: what the ranks wrote to `errors` (distributed_jobs --errors), causes
+    first (a rank that lost its peer comes after the peer's own error), and the ranks that wrote nothing
+    (killed: out of memory, say); else the launcher's own error (a pod that never started, say)."""
     reports = sorted(errors.glob("rank-*.txt"), key=lambda p: int(p.stem.removeprefix("rank-"))) if errors.is_dir() else []
-    if not reports:
+    texts = {int(p.stem.removeprefix("rank-")): p.read_text().strip() for p in reports}
+    silent = [r for r in range(ranks or 0) if r not in texts]
+    if not texts:
+        if silent:
+            return (f"{job} failed: {error}; no rank wrote an error report, so a rank was killed (out of memory?) "
+                    "or died before Python could report: torchrun's root cause is in the step's stderr")
         return f"{job} failed: {error}"
-    lines = [f"rank {p.stem.removeprefix('rank-')}: {p.read_text().strip()}" for p in reports]
-    return f"{job} failed on {len(reports)} rank(s):\n" + "\n".join(lines)
+    order = sorted(texts, key=lambda r: (any(s in texts[r] for s in _PEER_GONE), r))
+    lines = [f"rank {r}: {texts[r]}" for r in order]
+    if silent:
+        lines.append(f"rank(s) {', '.join(map(str, silent))} wrote no report: killed (out of memory?) or died before "
+                     "Python could report; torchrun's root cause is in the step's stderr")
+    return f"{job} failed on {len(texts)} rank(s):\n" + "\n".join(lines)
 
 
 class LauncherResource(dg.ConfigurableResource):
@@ -227,6 +241,8 @@ class LauncherResource(dg.ConfigurableResource):
             yield d
         finally:
             shutil.rmtree(d, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the run's folder too, once no other step's is left in it
+                d.parent.rmdir()
 
     def _launch(
         self, context: dg.AssetExecutionContext, job_args: list[str], scratch: Path, summary_file: Path, device: str
@@ -246,7 +262,7 @@ class LauncherResource(dg.ConfigurableResource):
         except dg.Failure:
             raise
         except Exception as e:
-            raise dg.Failure(rank_failure(job_args[0], errors, e)) from e
+            raise dg.Failure(rank_failure(job_args[0], errors, e, self.ranks)) from e
         messages = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and "job" in m]
         if messages:
             return messages[-1]
@@ -291,6 +307,14 @@ class LauncherResource(dg.ConfigurableResource):
             resources["limits"]["nvidia.com/gpu"] = str(self.pod_gpus)
         mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]  # NCCL and torch workers use shared memory
         volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+        if not self.pod_artifacts_claim:
+            # The job's inputs, outputs and the ranks' error reports live in scratch on the artifacts volume:
+            # without it the pod reads nothing and its errors never come back.
+            raise dg.Failure(
+                "launcher mode 'kubernetes' needs the artifacts volume in the pod: set the launcher's "
+                "artifacts_claim (or $FEEDPIPE_K8S_ARTIFACTS_CLAIM) to the PersistentVolumeClaim holding the "
+                "artifacts root"
+            )
         if self.pod_artifacts_claim:
             # The claim goes where the asset's process has it, not at the artifacts root: the scratch
             # paths in the job's arguments are absolute, so both sides must see the same tree.
