@@ -164,6 +164,14 @@ def test_a_model_below_the_auc_floor_publishes_nothing_and_yesterdays_feed_stays
     with psycopg.connect(pg_url) as conn:
         after = conn.execute("select * from feedpipe.current_feed order by customer_id, rank").fetchall()
     assert after == before
+    # The failed model is stored (the IO manager writes before the check fails the step): rescoring this
+    # date alone must refuse it, and republishing the earlier scores must name the model that made them.
+    rescored = run(["pair_scores", "ranked_feed"], raise_on_error=False)
+    assert not rescored.success and not rescored.asset_materializations_for_node("ranked_feed")
+    run(["ranked_feed"])
+    with psycopg.connect(pg_url) as conn:
+        served = conn.execute("select distinct model_version from feedpipe.current_feed").fetchall()
+    assert served == list({(row[-1],) for row in before})
 
 
 def test_a_model_that_loses_to_popularity_by_the_margin_is_not_published(env):

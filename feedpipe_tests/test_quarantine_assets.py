@@ -309,3 +309,42 @@ def test_the_spool_sweep_removes_what_killed_steps_left_and_keeps_live_entries(t
     assert sorted(p.name for p in removed) == ["feedpipe-transactions-abc", "transactions-2024-03-01-run1.parquet.partial"]
     assert [p.name for p in spool.iterdir()] == [live.name]
     assert sweep_spool(tmp_path / "absent") == []
+
+
+
+WRITER = """
+import sys
+import dagster as dg
+import polars as pl
+from feedpipe.defs.io_manager import ArtifactIOManager
+from feedpipe.defs.resources import ArtifactsResource
+root, i = sys.argv[1], int(sys.argv[2])
+manager = ArtifactIOManager(artifacts=ArtifactsResource(root=root))
+frame = pl.DataFrame({"x": list(range(i * 300_000, (i + 1) * 300_000))})
+print("ready", flush=True)
+sys.stdin.readline()  # both start writing together
+for _ in range(8):
+    manager.handle_output(dg.build_output_context(asset_key=dg.AssetKey("pair_scores"), partition_key="2026-03-01"),
+                          frame)
+"""
+
+
+def test_two_runs_writing_one_partition_at_once_leave_a_whole_file(tmp_path):
+    """The schedule and a manual rerun of one date, as two processes: each write has its own temporary file,
+    so whichever rename lands last leaves a readable, complete frame (a shared temporary name corrupted it)."""
+    import subprocess
+    import sys
+
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(i)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for w in writers:
+        assert w.stdout.readline().strip() == "ready"
+    for w in writers:
+        w.stdin.write("go\n")
+        w.stdin.flush()
+    results = [w.communicate(timeout=120) for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], [err[-2000:] for _, err in results]
+    stored = pl.read_parquet(tmp_path / "pair_scores" / "2026-03-01.parquet")
+    expected = [pl.DataFrame({"x": list(range(i * 300_000, (i + 1) * 300_000))}) for i in range(2)]
+    assert any(stored.equals(f) for f in expected)
+    assert not list((tmp_path / "pair_scores").glob("*.tmp"))

@@ -74,6 +74,11 @@ def pair_scores(
     """
     if config.top_n < 1:
         raise dg.Failure(f"pair_scores' top_n must be >= 1, got {config.top_n}")
+    if dlrm_model.metrics.get("passed_validation_auc_floor") is False:
+        raise dg.Failure(
+            f"dlrm_model {dlrm_model.version} failed its validation_auc_floor check (AUC "
+            f"{dlrm_model.metrics.get('validation_auc')}): it is stored but not scored; train this date again"
+        )
     try:
         window = Window.last_days(feed_date_of(context), config.exclude_window_days)
         chosen = precision(config.dtype)
@@ -138,13 +143,19 @@ def pair_scores(
     )
 
 
-def scored_top_n(instance: dg.DagsterInstance, partition_key: str) -> int | None:
-    """pair_scores' top_n for this feed date, from its latest materialization's metadata (None: not recorded)."""
+def _scored(instance: dg.DagsterInstance, partition_key: str, key: str):
+    """An entry of pair_scores' latest materialization's metadata for this feed date (None: not recorded)."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("pair_scores"), asset_partitions=[partition_key]), limit=1
     ).records
-    entry = records[0].asset_materialization.metadata.get("top_n") if records else None
-    return int(entry.value) if entry is not None else None
+    entry = records[0].asset_materialization.metadata.get(key) if records else None
+    return entry.value if entry is not None else None
+
+
+def scored_top_n(instance: dg.DagsterInstance, partition_key: str) -> int | None:
+    """pair_scores' top_n for this feed date (None: not recorded)."""
+    value = _scored(instance, partition_key, "top_n")
+    return int(value) if value is not None else None
 
 
 @dg.asset(
@@ -170,6 +181,9 @@ def ranked_feed(
             f"the feed would be cut at {top_n}. Raise pair_scores' top_n to at least {config.k}, or lower k."
         )
     feed = pair_scores.filter(pl.col(RANK) <= config.k).sort(CUSTOMER_ID, RANK)
+    # The model that made these scores: a later dlrm_model of this date (one that failed its check, say)
+    # may have replaced the stored model since pair_scores ran.
+    model_version = _scored(context.instance, context.partition_key, "model_version") or dlrm_model.version
     result = publish_feed(
         database.url(),
         FeedArrays(
@@ -179,7 +193,7 @@ def ranked_feed(
             score=feed.get_column(SCORE).to_numpy(),
         ),
         feed_date=feed_date_of(context),
-        model_version=dlrm_model.version,
+        model_version=model_version,
         run_id=context.run_id,
         retention=config.retention,
         replace_newer=config.serve_older_feed_date,
@@ -198,7 +212,7 @@ def ranked_feed(
             "customers": result.customers,
             "k": config.k,
             "publish_seconds": round(result.seconds, 2),
-            "model_version": dlrm_model.version,
+            "model_version": model_version,
             "view": "feedpipe.current_feed",
             "served": result.served,
             "served_feed_date": str(result.served_feed_date),

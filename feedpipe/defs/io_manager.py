@@ -8,8 +8,11 @@ An asset that wrote its table to Parquet itself, a chunk at a time (transactions
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -31,8 +34,11 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj) -> None:
         base = _key_path(context, self.artifacts.path())
         base.parent.mkdir(parents=True, exist_ok=True)
+        # Each write's own temporary name: two runs of one partition (the schedule and a manual rerun)
+        # writing one shared name corrupted the file that won.
+        unique = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         if isinstance(obj, (pl.DataFrame, SpooledParquet)):
-            tmp = base.with_suffix(".parquet.tmp")
+            tmp = base.with_name(f"{base.name}.parquet.{unique}.tmp")
             if isinstance(obj, SpooledParquet):
                 shutil.move(obj.path, tmp)  # a rename when the spool is on the artifacts' filesystem
             else:
@@ -41,12 +47,15 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             context.add_output_metadata({"path": dg.MetadataValue.path(str(base.with_suffix(".parquet")))})
             return
         if hasattr(obj, "save") and hasattr(type(obj), "load"):
-            tmp = base.with_name(base.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = base.with_name(f"{base.name}.{unique}.tmp")
             obj.save(tmp)
             (tmp / "_class").write_text(f"{type(obj).__module__}:{type(obj).__qualname__}")
-            shutil.rmtree(base, ignore_errors=True)
+            # Out of the way by a rename, not deleted first: the old directory is never half gone.
+            old = base.with_name(f"{base.name}.{unique}.old.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                base.rename(old)
             tmp.rename(base)
+            shutil.rmtree(old, ignore_errors=True)
             context.add_output_metadata({"path": dg.MetadataValue.path(str(base))})
             return
         raise TypeError(f"ArtifactIOManager cannot store {type(obj).__name__}")

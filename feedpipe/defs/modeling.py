@@ -166,9 +166,9 @@ def dlrm_model(
     Metadata: per-epoch losses and validation AUC, samples/s, parameters, device. Ranking quality
     against the baselines is `model_evaluation`'s job.
     """
-    device = compute.torch_device()
     train_cfg = config.core()
     if launcher.in_process:
+        device = compute.torch_device()  # checked here only: a launcher's ranks run elsewhere, GPUs and all
         train, valid = split_examples(training_examples, vocabularies.customer_specs, vocabularies.product_specs)
         shape = model_shape(vocabularies.customer_specs, vocabularies.product_specs, vocabularies, train_cfg)
         result = train_dlrm(train, valid, shape, train_cfg, device, log=context.log.info)
@@ -192,6 +192,9 @@ def dlrm_model(
             "over_arch_precision": result.over_arch_precision,
             "history": [asdict(h) for h in result.history],
             "loss_curve": result.loss_curve,
+            # Kept with the weights: the check fails the step only after the IO manager has stored them, and
+            # a later pair_scores of this date must not score a model that failed it.
+            "passed_validation_auc_floor": bool(best.val_auc >= config.min_validation_auc),
         },
     )
     yield dg.Output(
