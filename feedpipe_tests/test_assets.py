@@ -181,4 +181,9 @@ def test_a_model_that_loses_to_popularity_by_the_margin_is_not_published(env):
     assert not result.success
     assert [c.passed for c in result.get_asset_check_evaluations() if c.check_name == "beats_popularity"] == [False]
     assert not result.asset_materializations_for_node("pair_scores")
+    # The losing model is stored all the same: scoring this date alone must refuse it.
+    rescored = run(["pair_scores"], raise_on_error=False)
+    assert not rescored.success
+    (failure,) = rescored.get_step_failure_events()
+    assert "failed beats_popularity" in failure.step_failure_data.error.message
     assert not result.asset_materializations_for_node("ranked_feed")

@@ -1,6 +1,9 @@
 """model_evaluation: the model's ranking against popularity, LightGBM and (demo data) the oracle,
 with the blocking gate that keeps a model losing to popularity from reaching the feed."""
 
+import json
+from pathlib import Path
+
 import dagster as dg
 import polars as pl
 from pydantic import Field
@@ -87,6 +90,7 @@ def model_evaluation(
     metric = gate_metric(ev.k, products.height)
     margin = dlrm[metric] - pop[metric]
     passed = margin > config.min_margin_over_popularity  # NaN (no evaluated customers) fails too
+    record_gate(artifacts.path("evaluations", ev.model_version), bool(passed), f"{metric}@{ev.k}", margin)
     yield dg.AssetCheckResult(
         check_name="beats_popularity",
         passed=bool(passed),
@@ -97,6 +101,27 @@ def model_evaluation(
             f"{config.min_margin_over_popularity}: the feed is not published and yesterday's stays current"
         ),
     )
+
+
+GATE_FILE = "beats_popularity.json"
+
+
+def record_gate(directory: Path, passed: bool, compared: str, margin: float) -> None:
+    """The gate's verdict beside the model's evaluation. Dagster stores a model before a blocking check fails
+    its run, so a later pair_scores of the same date reads this to refuse a model that lost to popularity."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / GATE_FILE).write_text(json.dumps({"passed": passed, "compared": compared, "margin": margin}))
+
+
+def gate_failure(directory: Path) -> str | None:
+    """Why the model evaluated in `directory` may not be published, or None (passed, or never evaluated)."""
+    path = directory / GATE_FILE
+    if not path.exists():
+        return None
+    verdict = json.loads(path.read_text())
+    if verdict["passed"]:
+        return None
+    return f"it failed beats_popularity ({verdict['compared']} margin {verdict['margin']:.4f})"
 
 
 def gate_metric(k: int, products: int) -> str:

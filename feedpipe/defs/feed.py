@@ -11,7 +11,8 @@ from feedpipe.defs.ingest import feed_date_of
 from feedpipe.defs.launchers import GPU_STEP_TAGS, LauncherResource
 from feedpipe.defs.metadata import frame_metadata
 from feedpipe.defs.partitions import feed_date_partitions
-from feedpipe.defs.resources import ComputeResource, DatabaseResource
+from feedpipe.defs.evaluation import gate_failure
+from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DatabaseResource
 from feedpipe.publishing import FeedArrays, publish_feed
 from feedpipe.ranking import RANK, SCORE, customers_without_scores, model_ranking, top_k_overlap
 from feedpipe.scoring import precision
@@ -63,6 +64,7 @@ def pair_scores(
     config: ScoringConfig,
     launcher: LauncherResource,
     compute: ComputeResource,
+    artifacts: ArtifactsResource,
     dlrm_model: TrainedModel,
     customers: pl.DataFrame,
     products: pl.DataFrame,
@@ -79,6 +81,9 @@ def pair_scores(
             f"dlrm_model {dlrm_model.version} failed its validation_auc_floor check (AUC "
             f"{dlrm_model.metrics.get('validation_auc')}): it is stored but not scored; train this date again"
         )
+    lost = gate_failure(artifacts.path("evaluations", dlrm_model.version))
+    if lost is not None:
+        raise dg.Failure(f"dlrm_model {dlrm_model.version} is stored but not scored: {lost}; train this date again")
     try:
         window = Window.last_days(feed_date_of(context), config.exclude_window_days)
         chosen = precision(config.dtype)
