@@ -28,11 +28,6 @@ def onednn_available(device: torch.device, dtype: torch.dtype = torch.float32) -
         return False
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    return dtype == torch.float32 or onednn_multiplies(dtype)
-
-
-def onednn_multiplies(dtype: torch.dtype) -> bool:
-    """Whether this CPU's oneDNN has kernels for `dtype`'s matrix products (fp32 always)."""
     if dtype == torch.float32:
         return True
     name = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)

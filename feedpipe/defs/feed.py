@@ -76,14 +76,12 @@ def pair_scores(
     """
     if config.top_n < 1:
         raise dg.Failure(f"pair_scores' top_n must be >= 1, got {config.top_n}")
+    # Dagster stores a model before its blocking checks fail the run: one that failed either stays unscored.
+    failed = gate_failure(artifacts.path("evaluations", dlrm_model.version))
     if dlrm_model.metrics.get("passed_validation_auc_floor") is False:
-        raise dg.Failure(
-            f"dlrm_model {dlrm_model.version} failed its validation_auc_floor check (AUC "
-            f"{dlrm_model.metrics.get('validation_auc')}): it is stored but not scored; train this date again"
-        )
-    lost = gate_failure(artifacts.path("evaluations", dlrm_model.version))
-    if lost is not None:
-        raise dg.Failure(f"dlrm_model {dlrm_model.version} is stored but not scored: {lost}; train this date again")
+        failed = f"it failed validation_auc_floor (AUC {dlrm_model.metrics.get('validation_auc')})"
+    if failed is not None:
+        raise dg.Failure(f"dlrm_model {dlrm_model.version} is stored but not scored: {failed}; train this date again")
     try:
         window = Window.last_days(feed_date_of(context), config.exclude_window_days)
         chosen = precision(config.dtype)
@@ -148,19 +146,12 @@ def pair_scores(
     )
 
 
-def _scored(instance: dg.DagsterInstance, partition_key: str, key: str):
-    """An entry of pair_scores' latest materialization's metadata for this feed date (None: not recorded)."""
+def scored_metadata(instance: dg.DagsterInstance, partition_key: str) -> dict:
+    """pair_scores' latest materialization's metadata values for this feed date ({}: none recorded)."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("pair_scores"), asset_partitions=[partition_key]), limit=1
     ).records
-    entry = records[0].asset_materialization.metadata.get(key) if records else None
-    return entry.value if entry is not None else None
-
-
-def scored_top_n(instance: dg.DagsterInstance, partition_key: str) -> int | None:
-    """pair_scores' top_n for this feed date (None: not recorded)."""
-    value = _scored(instance, partition_key, "top_n")
-    return int(value) if value is not None else None
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()} if records else {}
 
 
 @dg.asset(
@@ -179,7 +170,8 @@ def ranked_feed(
     """Top K per customer, COPY'd into a new versioned table and switched into `feedpipe.current_feed` atomically."""
     if config.k < 1:
         raise dg.Failure(f"ranked_feed's k must be >= 1, got {config.k}")
-    top_n = scored_top_n(context.instance, context.partition_key)
+    scored = scored_metadata(context.instance, context.partition_key)
+    top_n = int(scored["top_n"]) if "top_n" in scored else None
     if top_n is not None and config.k > top_n:
         raise dg.Failure(
             f"ranked_feed's k is {config.k} but pair_scores kept only its top {top_n} products per customer: "
@@ -188,7 +180,7 @@ def ranked_feed(
     feed = pair_scores.filter(pl.col(RANK) <= config.k).sort(CUSTOMER_ID, RANK)
     # The model that made these scores: a later dlrm_model of this date (one that failed its check, say)
     # may have replaced the stored model since pair_scores ran.
-    model_version = _scored(context.instance, context.partition_key, "model_version") or dlrm_model.version
+    model_version = scored.get("model_version") or dlrm_model.version
     result = publish_feed(
         database.url(),
         FeedArrays(

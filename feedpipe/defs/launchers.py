@@ -82,16 +82,14 @@ def rank_failure(job: str, errors: Path, error: Exception, ranks: int | None = N
     reports = sorted(errors.glob("rank-*.txt"), key=lambda p: int(p.stem.removeprefix("rank-"))) if errors.is_dir() else []
     texts = {int(p.stem.removeprefix("rank-")): p.read_text().strip() for p in reports}
     silent = [r for r in range(ranks or 0) if r not in texts]
+    killed = ("killed (out of memory?) or died before Python could report; torchrun's root cause is in the step's "
+              "stderr")
     if not texts:
-        if silent:
-            return (f"{job} failed: {error}; no rank wrote an error report, so a rank was killed (out of memory?) "
-                    "or died before Python could report: torchrun's root cause is in the step's stderr")
-        return f"{job} failed: {error}"
+        return f"{job} failed: {error}" + (f"; no rank wrote an error report: a rank was {killed}" if silent else "")
     order = sorted(texts, key=lambda r: (any(s in texts[r] for s in _PEER_GONE), r))
     lines = [f"rank {r}: {texts[r]}" for r in order]
     if silent:
-        lines.append(f"rank(s) {', '.join(map(str, silent))} wrote no report: killed (out of memory?) or died before "
-                     "Python could report; torchrun's root cause is in the step's stderr")
+        lines.append(f"rank(s) {', '.join(map(str, silent))} wrote no report: {killed}")
     return f"{job} failed on {len(texts)} rank(s):\n" + "\n".join(lines)
 
 
@@ -315,18 +313,17 @@ class LauncherResource(dg.ConfigurableResource):
                 "artifacts_claim (or $FEEDPIPE_K8S_ARTIFACTS_CLAIM) to the PersistentVolumeClaim holding the "
                 "artifacts root"
             )
-        if self.pod_artifacts_claim:
-            # The claim goes where the asset's process has it, not at the artifacts root: the scratch
-            # paths in the job's arguments are absolute, so both sides must see the same tree.
-            mount, root = self.pod_artifacts_mount, self.artifacts.path().resolve()
-            if not root.is_relative_to(mount):
-                raise dg.Failure(
-                    f"the artifacts root {root} is not under {mount}, where the claim {self.pod_artifacts_claim} is "
-                    "mounted: set the launcher's artifacts_claim_mount (or $FEEDPIPE_K8S_ARTIFACTS_MOUNT) to the "
-                    "claim's mount path in this process"
-                )
-            mounts.append({"name": "artifacts", "mountPath": str(mount)})
-            volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": self.pod_artifacts_claim}})
+        # The claim goes where the asset's process has it, not at the artifacts root: the scratch
+        # paths in the job's arguments are absolute, so both sides must see the same tree.
+        mount, root = self.pod_artifacts_mount, self.artifacts.path().resolve()
+        if not root.is_relative_to(mount):
+            raise dg.Failure(
+                f"the artifacts root {root} is not under {mount}, where the claim {self.pod_artifacts_claim} is "
+                "mounted: set the launcher's artifacts_claim_mount (or $FEEDPIPE_K8S_ARTIFACTS_MOUNT) to the "
+                "claim's mount path in this process"
+            )
+        mounts.append({"name": "artifacts", "mountPath": str(mount)})
+        volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": self.pod_artifacts_claim}})
         spec = {
             "containers": [{"resources": resources, "volumeMounts": mounts}],
             "volumes": volumes,

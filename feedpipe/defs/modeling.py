@@ -175,6 +175,7 @@ def dlrm_model(
     else:  # torchrun or a pod, through Dagster Pipes (feedpipe/defs/launchers.py)
         result = launcher.train(context, training_examples, vocabularies, train_cfg, compute.device)
     best = result.best
+    floor_passed = bool(best.val_auc >= config.min_validation_auc)
 
     trained = TrainedModel(
         model=result.model,
@@ -194,7 +195,7 @@ def dlrm_model(
             "loss_curve": result.loss_curve,
             # Kept with the weights: the check fails the step only after the IO manager has stored them, and
             # a later pair_scores of this date must not score a model that failed it.
-            "passed_validation_auc_floor": bool(best.val_auc >= config.min_validation_auc),
+            "passed_validation_auc_floor": floor_passed,
         },
     )
     yield dg.Output(
@@ -220,9 +221,9 @@ def dlrm_model(
     )
     yield dg.AssetCheckResult(
         check_name="validation_auc_floor",
-        passed=bool(best.val_auc >= config.min_validation_auc),
+        passed=floor_passed,
         metadata={"validation_auc": best.val_auc, "floor": config.min_validation_auc},
-        description=None if best.val_auc >= config.min_validation_auc else (
+        description=None if floor_passed else (
             "validation AUC is undefined: the validation examples hold one class only (no negatives could be "
             "sampled: does every customer buy every product?); the feed will not be published"
             if math.isnan(best.val_auc) else
