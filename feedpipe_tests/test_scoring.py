@@ -131,15 +131,31 @@ def test_bf16_scores_on_f_linear_where_onednn_has_no_bf16(monkeypatch):
 
 def test_padding_k_to_an_alignment_changes_no_logit(monkeypatch):
     """What a GPU plan does (zero columns in E' and W_pp), checked where it runs here."""
-    monkeypatch.setattr(scoring, "k_alignment", lambda device: 8)
+    monkeypatch.setattr(scoring, "k_alignment", lambda device, dtype=torch.float32: 8)
     for product_dense in (0, 1):
         model, customers, products = _random_case(4, 25, 40, 2, product_dense)
         plan = scoring.plan_scoring(model, products)
         assert plan.k_dim % 8 == 0 and plan.w_pp.shape[1] == plan.k_dim - model.num_product_vectors * 8
         assert plan.columns.u.shape[1] % 8 == 0
+        assert plan.u_const is not None  # n_pp + pad is a whole D-block: U' is one fused product
         for rows in (False, True):
             got = pair_logits(model, customers, products, torch.arange(25), pairs_per_tile=120, layout_customer_rows=rows)
             assert (got - _all_pairs_forward(model, customers, products)).abs().max().item() <= 1e-5
+
+
+def test_u_prime_as_one_fused_product_equals_the_product_add_and_concatenation(monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setattr(scoring, "k_alignment", lambda device, dtype=torch.float32: 8)
+    model, customers, products = _random_case(8, 12, 30, 1, 2)
+    plan = scoring.plan_scoring(model, products, customer_rows=False)
+    with torch.inference_mode():
+        v, cc_dots = scoring.customer_vectors(plan, customers, torch.arange(12))
+        _, v_flat = scoring.customer_factors(plan, v, cc_dots)
+        fused = scoring.u_prime(plan, v_flat)
+        unfused = scoring.u_prime(replace(plan, u_rows=None, u_const=None), v_flat)
+    assert plan.u_const is not None and fused.shape == unfused.shape == (12 * 32, plan.k_dim)
+    assert (fused - unfused).abs().max().item() <= 1e-6
 
 
 def _reference_top_n(ref, excluded_pairs, unavailable, n):
