@@ -1,7 +1,10 @@
 """Training throughput: feedpipe's loop against a reference loop written the way the source article does it.
 
-Both train the same TwoSidedDLRM at the same batch size on the same encoded demo examples, in one
-process, one after the other (twice each, alternating, median kept: the machine is shared):
+Both train the same TwoSidedDLRM at the same batch size on the same encoded demo examples, one after
+the other (twice each, alternating, median kept: the machine is shared). The reference runs in a fresh
+interpreter of its own, as the article's script would, so that feedpipe's OpenMP setting (PASSIVE
+waiting, set when feedpipe is imported) does not slow its two threads; the same loop inside this
+process is reported beside it (`reference_passive_omp_samples_per_s`).
 
 - feedpipe: `training.train_dlrm` — tensors built once from the encoded Parquet, each batch a
   vectorized gather into a KeyedJaggedTensor; Adam on dense layers, RowWiseAdagrad on embeddings.
@@ -20,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +35,15 @@ from datetime import date, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REFERENCE_CHILD = "--reference-child"
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # before feedpipe's import sets it
+if REFERENCE_CHILD in sys.argv:
+    # The reference runs as the article's script would: torch loads OpenMP before anything of feedpipe's
+    # (whose import sets OMP_WAIT_POLICY=PASSIVE for its own processes), so its two threads wait the
+    # way libgomp's default has them wait. Under PASSIVE they ran it at 149k samples/s on the 2-core
+    # Xeon with AMX, against 274k with the default (benchmarks/README.md, "Training", session 8).
+    import torch  # noqa: F401
 
 import feedpipe  # noqa: E402,F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 import numpy as np  # noqa: E402
@@ -157,7 +172,39 @@ def reference_loop(train: pl.DataFrame, vocab, config: TrainConfig, device: str 
     return len(df) / seconds, building / seconds
 
 
+def reference_child(directory: str) -> None:
+    """The reference loop in this process (started by `reference_in_own_process`): one line of JSON."""
+    d = Path(directory)
+    train_df = pl.read_parquet(d / "train.parquet")
+    vocab = pickle.loads((d / "vocab.pickle").read_bytes())
+    config = pickle.loads((d / "config.pickle").read_bytes())
+    device = (d / "device").read_text()
+    if device != "cpu":  # CUDA context and cuBLAS handles, not timed (as for feedpipe's loop)
+        reference_loop(train_df.head(20 * config.batch_size), vocab, config, device)
+    rate, share = reference_loop(train_df, vocab, config, device)  # torch's default threads, as the article runs
+    rate_same = None
+    if device == "cpu":
+        shape = model_shape(vocab.customer_specs, vocab.product_specs, vocab, config)
+        with intra_op_threads(training_threads(config, shape)):
+            rate_same, _ = reference_loop(train_df, vocab, config)  # ... and with feedpipe's thread count
+    print(json.dumps({"rate": rate, "share": share, "rate_same": rate_same, "threads": torch.get_num_threads(),
+                      "omp_wait_policy": USER_OMP_WAIT_POLICY}))  # what OpenMP saw when torch loaded it
+
+
+def reference_in_own_process(directory: Path) -> dict:
+    """Run `reference_child` in a fresh interpreter: the article's process, not feedpipe's (see REFERENCE_CHILD)."""
+    env = dict(os.environ)
+    if USER_OMP_WAIT_POLICY is None:  # only feedpipe's import set it
+        env.pop("OMP_WAIT_POLICY", None)
+    out = subprocess.run([sys.executable, __file__, REFERENCE_CHILD, str(directory)], check=True,
+                         capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
+    if REFERENCE_CHILD in sys.argv:
+        reference_child(sys.argv[sys.argv.index(REFERENCE_CHILD) + 1])
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=400_000, help="training rows per measured epoch")
     p.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
@@ -179,20 +226,26 @@ def main() -> None:
                               vocab.product_specs)
         train_dlrm(*warm, shape, config, device=args.device)
         reference_loop(train_df.head(few), vocab, config, args.device)
-    ours_fp32 = []
+    handoff = Path(tempfile.mkdtemp(prefix="feedpipe_bench_reference_"))
+    train_df.write_parquet(handoff / "train.parquet")
+    (handoff / "vocab.pickle").write_bytes(pickle.dumps(vocab))
+    (handoff / "config.pickle").write_bytes(pickle.dumps(config))
+    (handoff / "device").write_text(args.device)
+    ours_fp32, ref_here = [], []
     fp32 = replace(config, precision="fp32")
     # Where `auto` already means fp32 (no native bf16), the fp32 loop is the same loop: not run twice.
     auto_is_fp32 = over_arch_dtype(config, torch.device(args.device)) is None
     for _ in range(args.repeats):
         ours.append(train_dlrm(train, valid, shape, config, device=args.device).samples_per_s)
         ours_fp32.append(ours[-1] if auto_is_fp32 else train_dlrm(train, valid, shape, fp32, device=args.device).samples_per_s)
-        rate, share = reference_loop(train_df, vocab, config, args.device)  # torch's default threads, as the article runs
-        ref.append(rate)
+        child = reference_in_own_process(handoff)
+        ref.append(child["rate"])
+        building.append(child["share"])
         if on_cpu:
-            with intra_op_threads(training_threads(config, shape)):
-                rate, share = reference_loop(train_df, vocab, config)  # ... and with feedpipe's thread count
-            ref_same.append(rate)
-        building.append(share)
+            ref_same.append(child["rate_same"])
+            # The same loop in this process, under feedpipe's OMP_WAIT_POLICY=PASSIVE: what sessions 1-7 compared with.
+            ref_here.append(reference_loop(train_df, vocab, config)[0])
+        threads_reference, reference_omp = child["threads"], child["omp_wait_policy"]
     med = statistics.median
     result = {
         "samples_per_s": round(med(ours)),
@@ -205,13 +258,16 @@ def main() -> None:
         "speedup": round(med(ours) / med(ref), 2),
         "reference_same_threads_samples_per_s": round(med(ref_same)) if on_cpu else None,
         "speedup_same_threads": round(med(ours) / med(ref_same), 2) if on_cpu else None,
+        "reference_passive_omp_samples_per_s": round(med(ref_here)) if on_cpu else None,
+        "speedup_vs_passive_omp_reference": round(med(ours) / med(ref_here), 2) if on_cpu else None,
         # The reference's time outside its model step: all a faster input path alone could save.
         "reference_batch_building_share": round(med(building), 3),
         "cpu": cpu_name(),
         "gpu": None if on_cpu else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "threads_feedpipe": training_threads(config, shape),
-        "threads_reference": torch.get_num_threads(),
+        "threads_reference": threads_reference,
+        "reference_omp_wait_policy": reference_omp,  # null: OpenMP's default, as the article's script runs
         "rows": train_df.height,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
