@@ -11,8 +11,14 @@ from feedpipe.defs.resources import ArtifactsResource, ComputeResource, Database
 
 
 def build_resources(artifacts_root: str = "", data_dir: str = "", input_config: str = "") -> dict:
-    """Resources with defaults from the environment; tests and notebooks pass explicit paths."""
-    artifacts = ArtifactsResource(root=artifacts_root)
+    """Resources with defaults from the environment; tests and notebooks pass explicit paths.
+
+    The artifacts root is configured at launch and shared: a root set in a run's config (the UI's
+    launchpad) reaches the IO manager and the launcher as well as the assets. As a fully built
+    instance nested in them, each would keep its own copy, and the assets would read one root while
+    the IO manager wrote another.
+    """
+    artifacts = ArtifactsResource.configure_at_launch(root=artifacts_root)
     return {
         "data": DataResource(data_dir=data_dir, input_config=input_config),
         "artifacts": artifacts,

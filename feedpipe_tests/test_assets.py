@@ -8,6 +8,8 @@ import psycopg
 import pytest
 
 from feedpipe.definitions import build_resources, defs
+from feedpipe.defs.io_manager import ArtifactIOManager
+from feedpipe.defs.resources import ArtifactsResource
 from feedpipe.demo_data import generate_demo_data
 
 FEED_DATE = "2026-03-31"
@@ -33,6 +35,7 @@ def demo_dir(tmp_path_factory):
 def env(tmp_path, demo_dir, pg_url, monkeypatch):
     monkeypatch.setenv("FEEDPIPE_DATABASE_URL", pg_url)
     resources = build_resources(artifacts_root=str(tmp_path / "artifacts"), data_dir=str(demo_dir))
+    stored = ArtifactIOManager(artifacts=ArtifactsResource(root=str(tmp_path / "artifacts")))  # outside a run
     instance = dg.DagsterInstance.ephemeral()
 
     def run(selection, partition=FEED_DATE, run_config=None, raise_on_error=True):
@@ -50,7 +53,7 @@ def env(tmp_path, demo_dir, pg_url, monkeypatch):
         )
 
     def load(asset, partition=FEED_DATE):
-        return resources["io_manager"].load_input(
+        return stored.load_input(
             dg.build_input_context(asset_key=dg.AssetKey(asset), partition_key=partition, resources=resources)
         )
 
@@ -187,3 +190,25 @@ def test_a_model_that_loses_to_popularity_by_the_margin_is_not_published(env):
     (failure,) = rescored.get_step_failure_events()
     assert "failed beats_popularity" in failure.step_failure_data.error.message
     assert not result.asset_materializations_for_node("ranked_feed")
+
+
+def test_an_artifacts_root_set_in_a_runs_config_reaches_the_io_manager_and_the_launcher(tmp_path, demo_dir):
+    """The launchpad can set resources.artifacts.config.root: the assets, the IO manager and the
+    launcher must then all use it (nested copies of the resource would keep the default root)."""
+    from feedpipe.defs.launchers import LauncherResource
+
+    seen = {}
+
+    @dg.asset
+    def where(launcher: LauncherResource, artifacts: ArtifactsResource) -> pl.DataFrame:
+        seen["launcher"], seen["asset"] = launcher.artifacts.path(), artifacts.path()
+        return pl.DataFrame({"x": [1]})
+
+    default, override = tmp_path / "default", tmp_path / "override"
+    resources = build_resources(artifacts_root=str(default), data_dir=str(demo_dir))
+    dg.materialize([where], resources=resources, instance=dg.DagsterInstance.ephemeral(),
+                   run_config={"resources": {"artifacts": {"config": {"root": str(override)}}}})
+    assert seen == {"launcher": override, "asset": override}
+    assert (override / "where" / "all.parquet").exists() and not default.exists()
+    dg.materialize([where], resources=resources, instance=dg.DagsterInstance.ephemeral())  # no override: the default
+    assert seen["launcher"] == default and (default / "where" / "all.parquet").exists()

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from feedpipe.definitions import build_resources, defs
+from feedpipe.defs.io_manager import ArtifactIOManager
 from feedpipe.defs.launchers import GPU_STEP_TAGS, LauncherResource, k8s_step_tags
-from feedpipe.defs.resources import ComputeResource
+from feedpipe.defs.resources import ArtifactsResource, ComputeResource
 from feedpipe.demo_data import generate_demo_data
 from feedpipe.ranking import model_ranking
 from feedpipe.training import TrainConfig
@@ -42,7 +43,7 @@ def materialized(tmp_path_factory):
     scored = run(["pair_scores"], {"pair_scores": {"config": {"top_n": 20}}})
 
     def load(asset):
-        return resources["io_manager"].load_input(
+        return ArtifactIOManager(artifacts=ArtifactsResource(root=str(root / "artifacts"))).load_input(
             dg.build_input_context(asset_key=dg.AssetKey(asset), partition_key=FEED_DATE, resources=resources)
         )
 
@@ -81,7 +82,7 @@ def test_gpu_tags_ask_kubernetes_for_the_gpus_and_nothing_without_them():
 
 
 def test_an_unknown_launcher_mode_fails_with_the_modes_it_knows(tmp_path):
-    launcher = LauncherResource(artifacts=build_resources(artifacts_root=str(tmp_path))["artifacts"], mode="slurm")
+    launcher = LauncherResource(artifacts=ArtifactsResource(root=str(tmp_path)), mode="slurm")
     with pytest.raises(dg.Failure, match="in_process"):
         launcher.resolved_mode()
 
@@ -90,7 +91,7 @@ def test_the_kubernetes_pod_asks_for_gpus_mounts_the_artifacts_and_gives_ranks_t
     # As in deploy/helm/values.yaml: the claim is mounted at FEEDPIPE_HOME, the artifacts root is home/artifacts.
     monkeypatch.setenv("FEEDPIPE_HOME", str(tmp_path))
     monkeypatch.delenv("FEEDPIPE_K8S_ARTIFACTS_MOUNT", raising=False)
-    artifacts = build_resources(artifacts_root="")["artifacts"]
+    artifacts = ArtifactsResource(root="")
     launcher = LauncherResource(artifacts=artifacts, mode="kubernetes", nproc_per_node=4, gpus_per_pod=4,
                                 cpu_request="32", memory_request="200Gi", artifacts_claim="feedpipe-artifacts")
     spec = launcher.pod_spec()
@@ -108,18 +109,18 @@ def test_the_kubernetes_pod_asks_for_gpus_mounts_the_artifacts_and_gives_ranks_t
 
 def test_the_pod_mounts_the_claim_where_configured_and_refuses_an_artifacts_root_outside_it(tmp_path, monkeypatch):
     monkeypatch.setenv("FEEDPIPE_K8S_ARTIFACTS_MOUNT", str(tmp_path / "shared"))
-    inside = build_resources(artifacts_root=str(tmp_path / "shared" / "feedpipe"))["artifacts"]
+    inside = ArtifactsResource(root=str(tmp_path / "shared" / "feedpipe"))
     launcher = LauncherResource(artifacts=inside, mode="kubernetes", artifacts_claim="claim")
     (container,) = launcher.pod_spec()["containers"]
     assert {"name": "artifacts", "mountPath": str(tmp_path / "shared")} in container["volumeMounts"]
-    outside = build_resources(artifacts_root=str(tmp_path / "elsewhere"))["artifacts"]
+    outside = ArtifactsResource(root=str(tmp_path / "elsewhere"))
     with pytest.raises(dg.Failure, match="artifacts_claim_mount"):
         LauncherResource(artifacts=outside, mode="kubernetes", artifacts_claim="claim").pod_spec()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("dagster_k8s") is not None, reason="dagster-k8s is installed here")
 def test_kubernetes_mode_without_dagster_k8s_names_the_package_to_install(tmp_path):
-    launcher = LauncherResource(artifacts=build_resources(artifacts_root=str(tmp_path))["artifacts"], mode="kubernetes")
+    launcher = LauncherResource(artifacts=ArtifactsResource(root=str(tmp_path)), mode="kubernetes")
     with pytest.raises(dg.Failure, match=r"pip install dagster-k8s==0\.29\.27"):
         launcher._run_pod(None, ["train"], "auto")
 
@@ -129,7 +130,7 @@ def test_a_failing_rank_fails_the_asset_with_its_error_and_leaves_no_scratch(mat
     vocabularies = load("vocabularies")
     # Examples without their split column: the asset writes them out, the ranks fail reading them.
     examples = load("training_examples").drop("split")
-    artifacts = build_resources(artifacts_root=str(tmp_path))["artifacts"]
+    artifacts = ArtifactsResource(root=str(tmp_path))
     launcher = LauncherResource(artifacts=artifacts, mode="torchrun", nproc_per_node=2, threads_per_rank=1)
 
     @dg.asset
@@ -182,7 +183,7 @@ def test_cuda_asked_for_on_a_host_without_it_says_so():
 
 def test_kubernetes_mode_without_the_artifacts_claim_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv("FEEDPIPE_K8S_ARTIFACTS_CLAIM", raising=False)
-    launcher = LauncherResource(artifacts=build_resources(artifacts_root=str(tmp_path))["artifacts"], mode="kubernetes")
+    launcher = LauncherResource(artifacts=ArtifactsResource(root=str(tmp_path)), mode="kubernetes")
     with pytest.raises(dg.Failure, match="artifacts_claim"):
         launcher.pod_spec()
 

@@ -6,7 +6,7 @@ An asset that wrote its table to Parquet itself, a chunk at a time (transactions
 `SpooledParquet`: the file is moved into place, and downstream assets load a frame as from any other.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: Dagster reads the resource fields' annotations as types
 
 import contextlib
 import importlib
@@ -29,7 +29,7 @@ def _key_path(context: dg.OutputContext | dg.InputContext, root: Path) -> Path:
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
-    artifacts: ArtifactsResource
+    artifacts: ArtifactsResource  # configured at launch and shared: definitions.build_resources
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
         base = _key_path(context, self.artifacts.path())

@@ -15,7 +15,7 @@ as files under <artifacts>/scratch/<run id>/ (a shared volume on Kubernetes); th
 is removed afterwards, whether the job worked or not.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: Dagster reads the resource fields' annotations as types
 
 import contextlib
 import json
@@ -96,7 +96,7 @@ def rank_failure(job: str, errors: Path, error: Exception, ranks: int | None = N
 class LauncherResource(dg.ConfigurableResource):
     """Where dlrm_model trains and pair_scores scores (see module docstring)."""
 
-    artifacts: ArtifactsResource
+    artifacts: ArtifactsResource  # configured at launch and shared: definitions.build_resources
     mode: str = Field(default="", description=f"One of {LAUNCH_MODES}; empty: ${LAUNCHER_ENV}, else in_process.")
     nproc_per_node: int = Field(default=0, description="torchrun ranks per machine (torchrun) or pod (kubernetes), one per GPU on GPU nodes; 0: $FEEDPIPE_NPROC_PER_NODE, else 2.")
     threads_per_rank: int = Field(default=0, description="OMP_NUM_THREADS per rank; 0: CPU cores / ranks.")
