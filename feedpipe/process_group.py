@@ -87,6 +87,12 @@ def join_process_group(device: str = "auto") -> RankGroup:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:  # set_device would fail with only "invalid device ordinal"
+            raise RuntimeError(
+                f"rank {rank} is local rank {local_rank} of {os.environ.get('LOCAL_WORLD_SIZE', '?')} on this machine, "
+                f"which shows {visible} CUDA device(s): run one rank per GPU (torchrun --nproc_per_node {visible})"
+            )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

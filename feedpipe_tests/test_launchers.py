@@ -118,6 +118,35 @@ def test_the_pod_mounts_the_claim_where_configured_and_refuses_an_artifacts_root
         LauncherResource(artifacts=outside, mode="kubernetes", artifacts_claim="claim").pod_spec()
 
 
+def test_a_pod_with_more_ranks_than_gpus_is_refused_before_it_is_started(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEEDPIPE_K8S_POD_GPUS", raising=False)
+    artifacts = ArtifactsResource(root=str(tmp_path))
+
+    def launcher(ranks, gpus):
+        return LauncherResource(artifacts=artifacts, mode="kubernetes", nproc_per_node=ranks, gpus_per_pod=gpus)
+
+    with pytest.raises(dg.Failure, match="set nproc_per_node to 2"):
+        launcher(4, 2)._run_pod(None, ["train"], "auto")
+    with pytest.raises(dg.Failure, match="needs GPUs in the pod"):
+        launcher(2, 0).check_gpus_for_ranks("cuda")
+    assert "2 will be idle" in launcher(2, 4).check_gpus_for_ranks("cuda")
+    assert launcher(4, 4).check_gpus_for_ranks("auto") is None
+    assert launcher(4, 2).check_gpus_for_ranks("cpu") is None  # CPU ranks take no GPU
+
+
+def test_a_rank_without_a_gpu_of_its_own_says_so(monkeypatch):
+    from feedpipe import process_group
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"shows 1 CUDA device\(s\): run one rank per GPU"):
+        process_group.join_process_group("auto")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("dagster_k8s") is not None, reason="dagster-k8s is installed here")
 def test_kubernetes_mode_without_dagster_k8s_names_the_package_to_install(tmp_path):
     launcher = LauncherResource(artifacts=ArtifactsResource(root=str(tmp_path)), mode="kubernetes")

@@ -269,7 +269,27 @@ class LauncherResource(dg.ConfigurableResource):
             return json.loads(summary_file.read_text())
         raise dg.Failure(f"{job_args[0]} finished without a summary from rank 0 (no Pipes message, no {summary_file})")
 
+    def check_gpus_for_ranks(self, device: str) -> str | None:
+        """Refuse a pod whose ranks outnumber its GPUs (torchrun gives local rank i GPU i, so the rest
+        would fail inside the pod, after the image pull and the wait for a GPU node); say so when GPUs
+        would sit idle (returned: a warning for the log)."""
+        gpus, ranks = self.pod_gpus, self.ranks
+        if device == "cuda" and gpus == 0:
+            raise dg.Failure(f"device 'cuda' in kubernetes mode needs GPUs in the pod: set the launcher's gpus_per_pod "
+                             f"(or $FEEDPIPE_K8S_POD_GPUS), one per rank ({ranks})")
+        if device == "cpu" or gpus == 0:
+            return None
+        if ranks > gpus:
+            raise dg.Failure(f"{ranks} ranks per pod (nproc_per_node) but {gpus} GPU(s) (gpus_per_pod): each rank "
+                             f"takes its own GPU, so {ranks - gpus} would have none; set nproc_per_node to {gpus}")
+        if ranks < gpus:
+            return f"{gpus} GPUs requested for {ranks} rank(s): {gpus - ranks} will be idle (nproc_per_node = gpus_per_pod uses them)"
+        return None
+
     def _run_pod(self, context: dg.AssetExecutionContext, job_args: list[str], device: str, errors: Path | None = None):
+        idle = self.check_gpus_for_ranks(device)
+        if idle and context is not None:
+            context.log.warning(idle)
         try:
             from dagster_k8s import PipesK8sClient
         except ImportError as e:
