@@ -34,12 +34,14 @@ def id_expr(where: object, column: str, dtype: pl.DataType) -> pl.Expr:
 def ts_expr(where: object, dtype: pl.DataType) -> pl.Expr:
     """`ts` -> naive UTC Datetime("us"); null where missing or not a timestamp."""
     col = pl.col(contract.TS)
+    # strict=False: a stored value outside Datetime("us")'s range (a Parquet ts of 2**63-1 ms) is null, an
+    # invalid_ts row; the strict cast panics in polars' Rust code and takes the whole load down.
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone is not None:
             col = col.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-        return col.cast(pl.Datetime("us"))
+        return col.cast(pl.Datetime("us"), strict=False)
     if dtype == pl.Date:
-        return col.cast(pl.Datetime("us"))
+        return col.cast(pl.Datetime("us"), strict=False)
     if dtype in (pl.Utf8, pl.Categorical, pl.Null):
         return parse_iso_ts(col.cast(pl.Utf8))
     raise InputError(f"{where}: column '{contract.TS}' holds {dtype}; expected {TS_FORMATS}")
@@ -48,7 +50,10 @@ def ts_expr(where: object, dtype: pl.DataType) -> pl.Expr:
 def parse_iso_ts(text: pl.Expr) -> pl.Expr:
     """ISO 8601 text -> naive UTC Datetime("us"); null where it does not parse."""
     # One separator ("T") and one spelling of UTC ("+00:00") first, so a handful of formats covers the variants.
-    text = text.str.strip_chars().str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T").str.replace(r"[zZ]$", "+00:00")
+    # An hour-only offset ("+00", as PostgreSQL writes timestamptz in CSV) gets its minutes; only after a time,
+    # so the day of a bare date is left alone.
+    text = (text.str.strip_chars().str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T").str.replace(r"[zZ]$", "+00:00")
+            .str.replace(r"(T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?[+-]\d{2})$", "${1}:00"))
 
     def naive(fmt: str) -> pl.Expr:
         return text.str.to_datetime(fmt, strict=False, time_unit="us")

@@ -41,12 +41,16 @@ from feedpipe.table_files import StoredTable, check_required_columns
 _SCALAR_TYPES = {
     "int2": pa.int64(), "int4": pa.int64(), "int8": pa.int64(),
     "float4": pa.float64(), "float8": pa.float64(),
-    "text": pa.string(), "varchar": pa.string(), "bpchar": pa.string(), "name": pa.string(), "citext": pa.string(),
+    "text": pa.string(), "varchar": pa.string(), "name": pa.string(), "citext": pa.string(),
     "bool": pa.bool_(), "date": pa.date32(),
     "timestamp": pa.timestamp("us"), "timestamptz": pa.timestamp("us", tz="UTC"),
 }
 # Types converted in SQL on the way out: (cast target, arrow type).
-_CASTS = {"numeric": ("float8", pa.float64()), "_numeric": ("float8[]", pa.list_(pa.float64()))}
+# char(n) as text: the cast drops its blank padding, so a char(8) id 'c1' matches the 'c1' of a text column.
+_CASTS = {"numeric": ("float8", pa.float64()), "_numeric": ("float8[]", pa.list_(pa.float64())),
+          "bpchar": ("text", pa.string())}
+# Dates and timestamps Python's types hold (years 1-9999), with a day's margin for the session's time zone.
+_FIRST_DAY, _LAST_DAY = "0001-01-02", "9999-12-30"
 
 
 @dataclass(frozen=True)
@@ -158,10 +162,17 @@ def _exported(c: _Column) -> sql.Composable:
     """The select expression of a column: cast where _CASTS says; an infinite date or timestamp (which
     Python's types cannot hold, so psycopg refuses the whole fetch) as NULL, so that one such row is set
     aside like any empty value (a transaction's `ts` as missing_ts) instead of stopping the load."""
+    if c.cast == "float8":
+        # A numeric beyond float8's range would stop the fetch ("out of range for type double precision"):
+        # NaN instead, which the row checks reject (not NULL: a missing quantity means 1).
+        return sql.SQL("CASE WHEN {0} IS NULL THEN NULL WHEN abs({0}) <= 1.7976931348623157e308 THEN {0}::float8 "
+                       "ELSE 'NaN'::float8 END").format(sql.Identifier(c.source))
     if c.cast:  # c.cast comes from _CASTS only
         return sql.SQL("{}::{}").format(sql.Identifier(c.source), sql.SQL(c.cast))
     if pa.types.is_date(c.arrow_type) or pa.types.is_timestamp(c.arrow_type):
-        return sql.SQL("CASE WHEN isfinite({0}) THEN {0} END").format(sql.Identifier(c.source))
+        # Infinite, BC and after-9999 values stop the whole fetch in psycopg: NULL, set aside by the row checks.
+        return sql.SQL("CASE WHEN isfinite({0}) AND {0} BETWEEN {1} AND {2} THEN {0} END").format(
+            sql.Identifier(c.source), sql.Literal(_FIRST_DAY), sql.Literal(_LAST_DAY))
     return sql.Identifier(c.source)
 
 

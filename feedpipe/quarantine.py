@@ -13,6 +13,8 @@ checked chunk by chunk (`feedpipe.spooled_load.SpooledLoad`), whose rows are on 
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -120,7 +122,7 @@ class RejectionReport:
                 continue
             group = rejected.filter((pl.col(REASON) == reason) & (pl.col(COLUMN) == column))
             shown = group.head(MAX_ROWS_SHOWN)
-            values = shown.get_column(column).to_list() if column in shown.columns else [None] * shown.height
+            values = _listed(shown.get_column(column)) if column in shown.columns else [None] * shown.height
             lines = [f"    {self.row_label} {n}: {_show(v)}" for n, v in zip(shown.get_column(ROW), values)]
             if rows > shown.height:
                 lines.append(f"    ... and {rows - shown.height} more")
@@ -130,6 +132,28 @@ class RejectionReport:
                 + "\n".join(lines)
             )
         return "\n".join(parts)
+
+
+# The stored integers of the dates and times Python can hold (0001-01-01 to 9999-12-31 23:59:59.999999), per unit.
+_PY_TIME_RANGE = {"ms": (-62_135_596_800_000, 253_402_300_799_999),
+                  "us": (-62_135_596_800_000_000, 253_402_300_799_999_999), "days": (-719_162, 2_932_896)}
+
+
+def _listed(series: pl.Series) -> list:
+    """The values of `series` for a message. A date or time outside Python's range (a rejected `ts` of year
+    292 million) is shown as its stored integer: converting it panics in polars."""
+    dtype = series.dtype
+    unit = "days" if dtype == pl.Date else dtype.time_unit if isinstance(dtype, pl.Datetime) else None
+    if unit not in _PY_TIME_RANGE:  # ns always fits
+        return series.to_list()
+    stored = series.to_physical()
+    lo, hi = _PY_TIME_RANGE[unit]
+    outside = ((stored < lo) | (stored > hi)).fill_null(False)
+    if not outside.any():
+        return series.to_list()
+    inside = series.to_frame().select(pl.when(~outside).then(pl.col(series.name))).to_series().to_list()
+    return [f"{raw} ({dtype}, outside the years 1-9999)" if out else v
+            for v, raw, out in zip(inside, stored.to_list(), outside.to_list())]
 
 
 def count_rejections(rejected: pl.DataFrame) -> pl.DataFrame:
@@ -233,7 +257,7 @@ def enforce_policy(load: RejectionReport, policy: RejectionPolicy, rejected_path
 def write_rejected(load: TableLoad, path: Path) -> Path:
     """The rejected rows as Parquet at `path`, written atomically (an empty file when none were rejected)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")  # this write's own: runs overlap
     load.rejected.write_parquet(tmp)
     tmp.replace(path)
     return path

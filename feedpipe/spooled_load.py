@@ -12,6 +12,8 @@ loader may switch between the two forms freely; the equivalence is pinned by tes
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,9 @@ class LoadSpooler:
 
     def __init__(self, accepted_path: Path, rejected_path: Path):
         self.accepted_path, self.rejected_path = Path(accepted_path), Path(rejected_path)
+        # This load's own partial names: two runs of one partition at once (the schedule and a manual
+        # rerun) sharing one name wrote one file and the second rename found it gone.
+        self._unique = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._writers: dict[Path, pq.ParquetWriter] = {}
         self._counts: list[pl.DataFrame] = []
         self._examples: pl.DataFrame | None = None
@@ -88,7 +93,7 @@ class LoadSpooler:
         self._close()
         if kind is not None:
             for path in (self.accepted_path, self.rejected_path):
-                _partial(path).unlink(missing_ok=True)
+                self._partial(path).unlink(missing_ok=True)
 
     def add(self, chunk: TableLoad) -> None:
         """Append one chunk's rows; chunks must come in table order (row numbers increasing)."""
@@ -109,7 +114,7 @@ class LoadSpooler:
             raise ValueError("LoadSpooler.finish() before any add(): the loader must reject a table without rows")
         self._close()
         for path in (self.accepted_path, self.rejected_path):
-            _partial(path).replace(path)
+            self._partial(path).replace(path)
         first = self._first
         return SpooledLoad(
             first.table, first.source, first.row_label, self._received, self.accepted_path, self.rejected_path,
@@ -121,11 +126,14 @@ class LoadSpooler:
         writer = self._writers.get(path)
         if writer is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            writer = self._writers[path] = pq.ParquetWriter(_partial(path), table.schema)
+            writer = self._writers[path] = pq.ParquetWriter(self._partial(path), table.schema)
         elif table.schema != writer.schema:
             table = table.cast(writer.schema)  # one file, one schema: the first chunk's
         if table.num_rows:
             writer.write_table(table)
+
+    def _partial(self, path: Path) -> Path:
+        return path.with_name(f"{path.name}.{self._unique}.partial")
 
     def _close(self) -> None:
         for writer in self._writers.values():
@@ -133,6 +141,4 @@ class LoadSpooler:
         self._writers.clear()
 
 
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 

@@ -238,6 +238,33 @@ def test_an_infinite_timestamp_is_one_rejected_row_not_a_failed_load(source_db, 
     assert tx.counts_by_reason()["missing_ts"] == plain.counts_by_reason().get("missing_ts", 0) + 1
 
 
+def test_timestamps_and_numbers_python_cannot_hold_are_rejected_rows_not_a_failed_load(source_db, tmp_path):
+    with connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE sales.orders_odd AS SELECT cust_no, sku, ordered_at, qty::numeric AS qty FROM sales.orders")
+        conn.execute("INSERT INTO sales.orders_odd SELECT cust_no, sku, timestamptz '10000-01-01 00:00+00', qty "
+                     "FROM sales.orders LIMIT 1")
+        conn.execute("INSERT INTO sales.orders_odd SELECT cust_no, sku, timestamptz '0044-03-15 12:00+00 BC', qty "
+                     "FROM sales.orders LIMIT 1")
+        conn.execute("INSERT INTO sales.orders_odd SELECT cust_no, sku, ordered_at, 1e400 FROM sales.orders LIMIT 1")
+    columns = {CUSTOMER_ID: "cust_no", PRODUCT_ID: "sku", TS: "ordered_at", QUANTITY: "qty"}
+    tx = load_all(InputConfig(postgres=source(transactions=PostgresTableSource(
+        table="orders_odd", schema="sales", columns=columns))), tmp_path).transactions
+    plain = load_all(InputConfig(postgres=source()), tmp_path / "plain").transactions
+    assert tx.received == plain.received + 3
+    assert tx.counts_by_reason()["missing_ts"] == plain.counts_by_reason().get("missing_ts", 0) + 2
+    assert tx.counts_by_reason()["invalid_number"] == plain.counts_by_reason().get("invalid_number", 0) + 1
+    assert tx.accepted.height == plain.accepted.height
+
+
+def test_char_n_ids_match_text_ids(source_db, tmp_path):
+    padded = PostgresTableSource(query="select id::text::char(8) as customer_id, age, region, signup "
+                                       "from crm_customers where active order by id")
+    tables = load_all(InputConfig(postgres=source(customers=padded)), tmp_path)
+    expected = load_all(InputConfig(postgres=source()), tmp_path / "plain")
+    assert tables.customers.accepted.get_column(CUSTOMER_ID).to_list() == ["1", "2", "3", "4", "5"]
+    assert tables.transactions.accepted.height == expected.transactions.accepted.height > 0
+
+
 def test_a_numeric_id_column_loads_as_text_ids(source_db, tmp_path):
     numeric = PostgresTableSource(query="select id::numeric(12, 0) as customer_id, age, region, signup "
                                         "from crm_customers where active order by id")

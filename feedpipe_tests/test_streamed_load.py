@@ -139,3 +139,28 @@ def test_invalid_utf8_in_a_parquet_string_column_fails_like_a_whole_load(tmp_pat
     with pytest.raises(InputError, match=expected):
         stream(stored, tmp_path / "spool", chunk_rows=2)
     assert not (tmp_path / "spool").exists() or not list((tmp_path / "spool").iterdir())
+
+
+def test_two_loads_of_one_partition_at_once_both_finish(tmp_path):
+    """The schedule and a manual rerun write the same rejected file: each load spools under its own names."""
+    import threading
+
+    stored = write_parquet(tmp_path, pl.concat([messy_transactions()] * 200))
+    start, results = threading.Barrier(2), []
+
+    def load(name: str) -> None:
+        start.wait()
+        try:
+            results.append(stream_transactions(stored, REFERENCES, tmp_path / name / "accepted.parquet",
+                                               tmp_path / "rejected.parquet", feed_date=FEED_DATE, chunk_rows=50))
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            results.append(exc)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert pl.read_parquet(tmp_path / "rejected.parquet").height == results[0].rejected_rows
+    assert not list(tmp_path.glob("*.partial"))

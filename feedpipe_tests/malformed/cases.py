@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS, QUANTITY, TRANSACTIONS, TS
 from feedpipe.input_config import InputConfig, TableInputConfig
@@ -138,6 +140,20 @@ def _binary_brand(d: Path) -> None:
     write_set(d, "parquet")
     brands = [b"acme", b"zeta", b"acm\xe9", b"nova", b"zeta"]
     products().with_columns(pl.Series("brand", brands, dtype=pl.Binary)).write_parquet(d / "products.parquet")
+
+
+def _parquet_ts(values: pa.Array) -> Callable[[Path], None]:
+    """The base set in Parquet with the transactions' `ts` column replaced by `values` (an Arrow type polars
+    cannot write: an out-of-range instant, a half-hour offset zone)."""
+    def write(d: Path) -> None:
+        write_set(d, "parquet")
+        path = d / "transactions.parquet"
+        table = pq.read_table(path)
+        pq.write_table(table.set_column(table.schema.get_field_index(TS), TS, values), path)
+    return write
+
+
+_BASE_TS_MS = [int(ts.replace(tzinfo=timezone.utc).timestamp() * 1000) for ts in transactions().get_column(TS)]
 
 
 def _int_ids(frame: pl.DataFrame, column: str) -> pl.DataFrame:
@@ -278,6 +294,17 @@ CASES: list[Case] = [
          Accepted({TRANSACTIONS: {"id_matches_only_as_number": 1}})),
     Case("bom_crlf_and_quoted_newline", "csv",
          then(with_set("csv"), lambda d: write_bytes(d, "products.csv", CSV_PRODUCTS_BOM_CRLF)), Accepted()),
+    Case("parquet_ts_out_of_range", "parquet",  # 2**63-1 ms overflows Datetime("us"): polars' strict cast panicked
+         _parquet_ts(pa.array([2**63 - 1, *_BASE_TS_MS[1:]], pa.timestamp("ms"))),
+         Accepted({TRANSACTIONS: {"invalid_ts": 1}})),
+    Case("parquet_date_out_of_range", "parquet",
+         _parquet_ts(pa.array([2**31 - 1, *[ms // 86_400_000 for ms in _BASE_TS_MS[1:]]], pa.date32())),
+         Accepted({TRANSACTIONS: {"invalid_ts": 1}})),
+    Case("parquet_ts_zoned_at_a_half_hour_offset", "parquet",  # polars cannot parse '+05:30' and failed the file
+         _parquet_ts(pa.array(_BASE_TS_MS, pa.timestamp("ms", tz="+05:30"))), Accepted()),
+    Case("csv_ts_with_hour_only_offsets_as_postgres_writes_them", "csv",
+         then(with_set("csv"), tx_csv(TX_HEADER, [f"{c},{p},{ts.isoformat(sep=' ')}+00,{q}"
+                                                  for c, p, ts, q in transactions().iter_rows()])), Accepted()),
     Case("no_quantity_column_and_timezones", "csv",
          then(with_set("csv"), tx_csv("customer_id,product_id,ts", [r.rsplit(",", 1)[0] + "+02:00" for r in base_tx_lines()])),
          Accepted()),
