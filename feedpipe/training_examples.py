@@ -1,9 +1,13 @@
 """Labelled (customer, product) examples from a window of transactions, split by time.
 
 Positives are the distinct pairs bought in the window; negatives are sampled uniformly from the
-catalogue among products the customer did not buy in the window, so the model learns both taste
-and popularity. The last `validation_days` are held out: their positives are the pairs first bought
-then, which is exactly what a feed (which excludes past purchases) tries to predict.
+catalogue, so the model learns both taste and popularity. The last `validation_days` are held out:
+their positives are the pairs first bought then, which is exactly what a feed (which excludes past
+purchases) tries to predict. Training negatives avoid only what the customer bought in the training
+days: avoiding the holdout's purchases too would let the held-out days shape the training set (a
+pair bought in the holdout could never be a training negative), and the evaluation on those days
+would flatter the learned rankers against popularity. Validation negatives avoid every purchase in
+the window.
 """
 
 from __future__ import annotations
@@ -127,9 +131,9 @@ def build_training_examples(
             f"no new purchases in the {config.validation_days} validation days before {feed_date}; "
             "the model cannot be validated"
         )
-    bought = purchased_pairs(window_transactions(transactions, window))
+    bought_in_window = pl.concat([train_pos, valid_pos])
     parts = []
-    for split, pos, seed_offset in ((TRAIN, train_pos, 0), (VALIDATION, valid_pos, 1)):
+    for split, pos, bought, seed_offset in ((TRAIN, train_pos, train_pos, 0), (VALIDATION, valid_pos, bought_in_window, 1)):
         pos = pos.sort([CUSTOMER_ID, PRODUCT_ID])
         neg = sample_negatives(pos, bought, product_ids, config.negatives_per_positive, config.seed * 2 + seed_offset)
         parts.append(pos.with_columns(pl.lit(1.0, pl.Float32).alias(LABEL), pl.lit(split).alias(SPLIT)))

@@ -192,6 +192,16 @@ def test_a_model_that_loses_to_popularity_by_the_margin_is_not_published(env):
     assert not result.asset_materializations_for_node("ranked_feed")
 
 
+def test_a_model_never_evaluated_is_not_scored(env):
+    """Materializing dlrm_model, then pair_scores and ranked_feed without model_evaluation skipped the gate."""
+    run, _, pg_url, _ = env
+    run(MODEL)
+    result = run(["pair_scores", "ranked_feed"], raise_on_error=False)
+    assert not result.success and not result.asset_materializations_for_node("ranked_feed")
+    (failure,) = result.get_step_failure_events()
+    assert "has not been evaluated" in failure.step_failure_data.error.message
+
+
 def test_an_artifacts_root_set_in_a_runs_config_reaches_the_io_manager_and_the_launcher(tmp_path, demo_dir):
     """The launchpad can set resources.artifacts.config.root: the assets, the IO manager and the
     launcher must then all use it (nested copies of the resource would keep the default root)."""
@@ -212,3 +222,19 @@ def test_an_artifacts_root_set_in_a_runs_config_reaches_the_io_manager_and_the_l
     assert (override / "where" / "all.parquet").exists() and not default.exists()
     dg.materialize([where], resources=resources, instance=dg.DagsterInstance.ephemeral())  # no override: the default
     assert seen["launcher"] == default and (default / "where" / "all.parquet").exists()
+
+
+def test_the_oracle_reads_truth_only_beside_file_inputs(tmp_path, monkeypatch):
+    """model_evaluation with Postgres inputs has no data directory: no oracle, not a failed run."""
+    from feedpipe.defs.resources import DataResource
+
+    monkeypatch.delenv("FEEDPIPE_DATA_DIR", raising=False)
+    monkeypatch.delenv("FEEDPIPE_INPUT_CONFIG", raising=False)
+    postgres = tmp_path / "input.yaml"
+    postgres.write_text("source:\n  postgres:\n    url_env: SALES_URL\n    transactions: {table: orders}\n"
+                        "    customers: {table: customers}\n    products: {table: products}\n")
+    assert DataResource(data_dir=str(tmp_path), input_config=str(postgres)).truth_path() is None
+    assert DataResource().truth_path() is None
+    assert DataResource(data_dir=str(tmp_path)).truth_path() == tmp_path / "truth.parquet"
+    monkeypatch.setenv("FEEDPIPE_DATA_DIR", str(tmp_path / "demo"))  # the CLI's demo folder, left in the environment
+    assert DataResource(input_config=str(postgres)).truth_path() is None

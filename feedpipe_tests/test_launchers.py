@@ -40,6 +40,8 @@ def materialized(tmp_path_factory):
 
     run(UPSTREAM)
     trained = run(["dlrm_model"], {"dlrm_model": {"config": {"epochs": 3, "min_validation_auc": 0.5}}})
+    # pair_scores scores only a model the gate passed; tiny data: the gate must not hang on a lucky draw
+    run(["model_evaluation"], {"model_evaluation": {"config": {"lightgbm": False, "min_margin_over_popularity": -1.0}}})
     scored = run(["pair_scores"], {"pair_scores": {"config": {"top_n": 20}}})
 
     def load(asset):

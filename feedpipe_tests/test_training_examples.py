@@ -48,8 +48,29 @@ def test_negatives_come_at_the_ratio_and_never_name_a_bought_product():
     neg = ex.filter(pl.col("label") == 0.0)
     assert pos.height == 4
     assert neg.height == pytest.approx(20, abs=1)  # a collision left after one redraw may drop
-    bought = TX.select("customer_id", "product_id").unique()
-    assert neg.join(bought, on=["customer_id", "product_id"], how="semi").is_empty()
+    window = Window.for_feed_date(FEED_DATE, ExampleConfig())
+    in_window = TX.filter((pl.col("ts") >= window.start) & (pl.col("ts") < window.end))
+    bought_before_holdout = in_window.filter(pl.col("ts") < window.holdout).select("customer_id", "product_id").unique()
+    bought_in_window = in_window.select("customer_id", "product_id").unique()
+    train_neg, valid_neg = neg.filter(pl.col("split") == "train"), neg.filter(pl.col("split") == "validation")
+    assert train_neg.join(bought_before_holdout, on=["customer_id", "product_id"], how="semi").is_empty()
+    assert valid_neg.join(bought_in_window, on=["customer_id", "product_id"], how="semi").is_empty()
+
+
+def test_the_held_out_days_never_shape_the_training_split():
+    """Training negatives avoid what was bought in the training days only: a holdout purchase telling the
+    sampler which pairs not to draw would let the evaluation's own days shape what the model learns."""
+    many = _tx([(f"c{i % 30}", f"p{1 + (7 * i) % 39}", datetime(2026, 3, 1 + i % 22)) for i in range(200)]
+               + [(f"c{i % 30}", f"p{1 + (5 * i) % 39}", datetime(2026, 3, 25 + i % 6)) for i in range(150)])
+    other_holdout = many.filter(pl.col("ts") < datetime(2026, 3, 24)).vstack(
+        _tx([(f"c{i % 30}", f"p{1 + (11 * i) % 39}", datetime(2026, 3, 26)) for i in range(150)]))
+    config = ExampleConfig(negatives_per_positive=10)
+    a = build_training_examples(many, PRODUCTS, FEED_DATE, config).filter(pl.col("split") == "train")
+    b = build_training_examples(other_holdout, PRODUCTS, FEED_DATE, config).filter(pl.col("split") == "train")
+    assert a.equals(b)
+    holdout_bought = many.filter(pl.col("ts") >= datetime(2026, 3, 24)).select("customer_id", "product_id").unique()
+    negatives = a.filter(pl.col("label") == 0.0)
+    assert not negatives.join(holdout_bought, on=["customer_id", "product_id"], how="semi").is_empty()  # allowed now
 
 
 def test_examples_are_deterministic_for_a_seed_and_change_with_it():

@@ -8,7 +8,6 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from feedpipe.contract import TRUTH_FILE
 from feedpipe.defs.metadata import markdown_table
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ArtifactsResource, DataResource
@@ -58,8 +57,8 @@ def model_evaluation(
 ):
     """recall, NDCG, MAP, hit rate @K and coverage for every ranker on the held-out days; AUC and log loss."""
     config = config.checked()
-    truth_path = data.directory() / TRUTH_FILE
-    truth = pl.read_parquet(truth_path) if truth_path.exists() else None
+    truth_path = data.truth_path()
+    truth = pl.read_parquet(truth_path) if truth_path is not None and truth_path.exists() else None
     ev = evaluate_rankers(
         dlrm_model, training_examples, customers, products,
         k=config.k, max_customers=config.max_customers, truth=truth, with_lightgbm=config.lightgbm,
@@ -114,10 +113,14 @@ def record_gate(directory: Path, passed: bool, compared: str, margin: float) -> 
 
 
 def gate_failure(directory: Path) -> str | None:
-    """Why the model evaluated in `directory` may not be published, or None (passed, or never evaluated)."""
+    """Why the model evaluated in `directory` may not be published, or None when it passed.
+
+    A model without a verdict was never judged (model_evaluation did not run for it, or failed before its
+    check): it is refused too, or materializing pair_scores and ranked_feed alone would publish it."""
     path = directory / GATE_FILE
     if not path.exists():
-        return None
+        return ("it has not been evaluated (no beats_popularity verdict: model_evaluation did not run for it "
+                "or failed first); materialize model_evaluation for this date")
     verdict = json.loads(path.read_text())
     if verdict["passed"]:
         return None

@@ -13,6 +13,7 @@ import dagster as dg
 from pydantic import Field
 import torch
 
+from feedpipe.contract import TRUTH_FILE
 from feedpipe.database import DATABASE_URL_ENV, feedpipe_home, redact_url, resolve_database_url
 from feedpipe.input_config import InputConfig, load_input_config
 
@@ -28,6 +29,15 @@ class DataResource(dg.ConfigurableResource):
         if not d:
             raise dg.Failure("no input directory: set the data resource's data_dir or FEEDPIPE_DATA_DIR (feedpipe run --data DIR)")
         return Path(d)
+
+    def truth_path(self) -> Path | None:
+        """Where the demo generator's true scores would lie beside file inputs (`truth.parquet`), or None:
+        inputs read from Postgres have no directory, and a directory left over in the environment (the
+        CLI's demo folder) would give the oracle another dataset's truth."""
+        if self.config().postgres is not None:
+            return None
+        d = self.data_dir or os.environ.get("FEEDPIPE_DATA_DIR", "")
+        return Path(d) / TRUTH_FILE if d else None
 
     def config(self) -> InputConfig:
         path = self.input_config or os.environ.get("FEEDPIPE_INPUT_CONFIG", "")
