@@ -20,6 +20,9 @@ TS = "ts"
 QUANTITY = "quantity"
 
 # Columns every table must have (quantity is optional and defaults to 1).
+# Columns the loader adds to rejected rows (their row number, reason and the column at fault): an input
+# column of one of these names would be overwritten, so it is refused.
+BOOKKEEPING_COLUMNS = ("_row", "_reason", "_column")
 REQUIRED_COLUMNS = {
     TRANSACTIONS: (CUSTOMER_ID, PRODUCT_ID, TS),
     CUSTOMERS: (CUSTOMER_ID,),

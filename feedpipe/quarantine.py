@@ -22,10 +22,11 @@ from pathlib import Path
 
 import polars as pl
 
+from feedpipe import contract
 from feedpipe.input_config import InputError
 from feedpipe.table_files import MAX_ROWS_SHOWN, StoredTable
 
-ROW, REASON, COLUMN = "_row", "_reason", "_column"
+ROW, REASON, COLUMN = contract.BOOKKEEPING_COLUMNS
 INTERNAL_COLUMNS = (ROW, REASON, COLUMN)
 
 # Reason code -> what the rejected rows do, completing "N row(s) ...". The order is the documentation's.

@@ -247,9 +247,10 @@ def _reject_duplicates(load: TableLoad, id_column: str) -> TableLoad:
     first_copy = pl.struct([c for c in candidates.columns if c not in INTERNAL_COLUMNS]).is_first_distinct()
     later_copies = candidates.filter(~first_copy).get_column(ROW)
     conflicting = candidates.filter(first_copy).filter(pl.col(id_column).is_duplicated()).get_column(id_column)
+    # duplicate_id first: an id with conflicting rows keeps none of them, so no copy of one is "the first kept".
     return load.reject(
-        Rejection("duplicate_row", id_column, pl.col(ROW).is_in(later_copies), "each row once"),
         Rejection("duplicate_id", id_column, pl.col(id_column).is_in(conflicting), "each id on one row"),
+        Rejection("duplicate_row", id_column, pl.col(ROW).is_in(later_copies), "each row once"),
     )
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import codecs
 import contextvars
 import csv
+import mmap
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +134,10 @@ def read_schema(stored: StoredTable) -> pl.Schema:
 
 
 def check_required_columns(stored: StoredTable, schema: pl.Schema) -> None:
+    reserved = [c for c in schema if c in contract.BOOKKEEPING_COLUMNS]
+    if reserved:  # the rejected rows' own columns would overwrite them: the values would vanish unannounced
+        raise InputError(f"{stored}: column name(s) {_quoted(reserved)} are reserved for feedpipe's record of "
+                         "rejected rows; rename the column(s)")
     missing = [c for c in contract.REQUIRED_COLUMNS[stored.table] if c not in schema]
     if not missing:
         return
@@ -244,12 +250,18 @@ def _as_stored(stored: StoredTable, schema: pl.Schema, table: pa.Table | pa.Reco
     return RawTable(stored, schema, frame, invalid, offset)
 
 
-def _ends_inside_quotes(path: Path, block: int = 1 << 24) -> bool:
-    """Whether the file ends inside a quoted value: no final newline and an odd number of '"' in all.
+# A quoted field: a '"' where a field starts (the file's start, or after a comma or a line break), then
+# anything with '""' as an escaped quote, then the closing '"' (absent: the file ended inside the field).
+_QUOTED_FIELD = re.compile(rb'(?:^|(?<=[,\r\n]))"(?:[^"]|"")*(")?')
+
+
+def _ends_inside_quotes(path: Path) -> bool:
+    """Whether the file ends inside a quoted value (only a file without a final newline can).
 
     pyarrow reads an unclosed quote at the end of the file as a complete value, so a file cut off inside
-    its last quoted field would load with that field shortened. Escaped quotes ("") come in pairs, so the
-    parity is the quoting state at the end. Only a file without a final newline pays for the count.
+    its last quoted field would load with that field shortened. Quotes are followed the way the parser
+    reads them: a '"' opens a value only where a field starts (an inch mark in `27" monitor` is text), so
+    counting every '"' called such a file truncated, and missed a cut quoted value after one.
     """
     with open(path, "rb") as f:
         if f.seek(0, 2) == 0:
@@ -257,11 +269,11 @@ def _ends_inside_quotes(path: Path, block: int = 1 << 24) -> bool:
         f.seek(-1, 2)
         if f.read(1) in (b"\n", b"\r"):
             return False
-        f.seek(0)
-        quotes = 0
-        while chunk := f.read(block):
-            quotes += chunk.count(b'"')
-    return quotes % 2 == 1
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            last = None
+            for last in _QUOTED_FIELD.finditer(data):  # noqa: B007 (the last one is the one that counts)
+                pass
+            return last is not None and last.group(1) is None
 
 
 def _read_csv(stored: StoredTable, schema: pl.Schema, columns: list[str], use_threads: bool = True) -> pa.Table:

@@ -177,6 +177,14 @@ CASES: list[Case] = [
          then(with_set("csv"), lambda d: write_bytes(d, "transactions.csv", "\n".join([TX_HEADER, *base_tx_lines()])
                                                      + '\n"c1","p2","2024-02-03","1')),
          Fatal("transactions.csv", None, r"ends inside a quoted value")),
+    Case("an_attribute_named_like_the_loaders_own_row_column", "csv",  # it was overwritten without a word
+         with_set("csv", customers=lambda: customers().rename({"age": "_row"})),
+         Fatal("customers.csv", "_row", r"reserved for feedpipe's record of rejected rows")),
+    Case("csv_cut_inside_a_quoted_value_after_an_inch_mark", "csv",  # a quote count saw the inch mark close it
+         then(with_set("csv"), lambda d: write_bytes(d, "transactions.csv", "\n".join(
+             ["customer_id,product_id,note,ts,quantity", *[line.replace(",2024", ',5" pipe,2024', 1) for line in base_tx_lines()]])
+             + '\nc1,p2,5" pipe,2024-02-03,"1')),
+         Fatal("transactions.csv", None, r"ends inside a quoted value")),
     Case("header_only_transactions", "csv", then(with_set("csv"), tx_csv(TX_HEADER, [])),
          Fatal("transactions.csv", None, r"no data rows")),
     Case("zero_byte_customers", "csv", then(with_set("csv"), lambda d: write_bytes(d, "customers.csv", b"")),
@@ -243,6 +251,9 @@ CASES: list[Case] = [
          Accepted({TRANSACTIONS: {"unknown_customer": 2, "unknown_product": 1}})),
     Case("exact_duplicate_customer_row", "csv", with_set("csv", customers=lambda: pl.concat([customers(), customers()[1]])),
          Accepted({CUSTOMERS: {"duplicate_row": 1}})),
+    Case("an_exact_copy_and_a_conflicting_row_of_one_id", "csv",  # every row of the id is a duplicate_id
+         with_set("csv", customers=lambda: pl.concat([customers(), customers()[0], set_cell(customers()[0], 0, "age", 30)])),
+         Accepted({CUSTOMERS: {"duplicate_id": 3}, TRANSACTIONS: {"unknown_customer": 2}})),
     Case("conflicting_duplicate_product", "parquet",
          with_set("parquet", products=lambda: pl.concat([products(), products()[2].with_columns(price=pl.lit(99.0))])),
          Accepted({PRODUCTS: {"duplicate_id": 2}, TRANSACTIONS: {"unknown_product": 2}})),
@@ -292,6 +303,10 @@ CASES: list[Case] = [
                   transactions=lambda: set_cell(_int_ids(transactions(), CUSTOMER_ID).with_columns(pl.col(CUSTOMER_ID).cast(pl.Utf8)),
                                                 0, CUSTOMER_ID, "01")),
          Accepted({TRANSACTIONS: {"id_matches_only_as_number": 1}})),
+    Case("inch_mark_in_the_last_value_without_a_final_newline", "csv",  # not a quote: the file is whole
+         then(with_set("csv"), lambda d: write_bytes(d, "products.csv", "product_id,price,brand\np1,9.99,acme\n"
+                                                     'p2,4.5,zeta\np3,12,acme\np4,3.25,nova\np5,20,27" monitor')),
+         Accepted()),
     Case("bom_crlf_and_quoted_newline", "csv",
          then(with_set("csv"), lambda d: write_bytes(d, "products.csv", CSV_PRODUCTS_BOM_CRLF)), Accepted()),
     Case("parquet_ts_out_of_range", "parquet",  # 2**63-1 ms overflows Datetime("us"): polars' strict cast panicked
