@@ -2,13 +2,16 @@
 data) the generator's oracle, on the held-out days of the training examples.
 
 The split comes from the examples themselves: training-split positives are the purchases before
-the holdout (and the exclusions), validation-split positives are the products first bought in the
-holdout. So the evaluation can never drift from the split the model was trained on.
+the holdout (and the exclusions), test-split positives are the products first bought in the holdout
+by the half of the customers no ranker early-stopped on (training_examples: `validation` is the
+other half). So the evaluation can never drift from the split the model was trained on, and no
+ranker is judged on the examples it was tuned on.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
 from feedpipe.evaluation import evaluation_customers, ranking_metrics
 from feedpipe.ranking import model_ranking, popularity_ranking
 from feedpipe.training import TrainedModel
-from feedpipe.training_examples import LABEL, SPLIT, TRAIN, VALIDATION
+from feedpipe.training_examples import LABEL, SPLIT, TEST, TRAIN
 
 RANKERS = ("dlrm", "popularity", "lightgbm", "oracle")
 
@@ -46,10 +49,10 @@ class ModelEvaluation:
 
 
 def split_pairs(examples: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(purchases before the holdout, products first bought in the holdout) from the examples."""
+    """(purchases before the holdout, products first bought in the holdout by the test half) from the examples."""
     pos = examples.filter(pl.col(LABEL) == 1.0)
     train = pos.filter(pl.col(SPLIT) == TRAIN).select(CUSTOMER_ID, PRODUCT_ID).unique()
-    held = pos.filter(pl.col(SPLIT) == VALIDATION).select(CUSTOMER_ID, PRODUCT_ID).unique()
+    held = pos.filter(pl.col(SPLIT) == TEST).select(CUSTOMER_ID, PRODUCT_ID).unique()
     return train, held
 
 
@@ -101,24 +104,37 @@ def evaluate_rankers(
         from feedpipe.lightgbm_baseline import oracle_ranking
 
         rankings["oracle"] = oracle_ranking(truth, ids, top_n=k, exclude=train)
-    metrics = trained.metrics
+    logloss, auc = held_out_loss_and_auc(trained, examples)
     return ModelEvaluation(
         model_version=trained.version,
         k=k,
         customers=ids.len(),
-        model={"auc": metrics.get("validation_auc"), "logloss": metrics.get("validation_logloss")},
+        model={"auc": auc, "logloss": logloss},
         ranking={name: ranking_metrics(r, held, k, n_products) for name, r in rankings.items()},
         notes=notes,
     )
 
 
-def validation_scores(trained: TrainedModel, examples: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted probabilities on the validation split: (positives, negatives), for the histogram."""
+def held_out_loss_and_auc(trained: TrainedModel, examples: pl.DataFrame) -> tuple[float, float]:
+    """Log loss and AUC on the test split: held-out days of customers the model was not early-stopped on."""
+    from feedpipe.training import evaluate_examples, example_tensors
+
+    import torch
+
+    test = example_tensors(examples.filter(pl.col(SPLIT) == TEST), trained.customer_specs, trained.product_specs)
+    if test.num_rows == 0:
+        return math.nan, math.nan
+    with torch.no_grad():
+        return evaluate_examples(trained.model, test)
+
+
+def held_out_scores(trained: TrainedModel, examples: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted probabilities on the test split: (positives, negatives), for the histogram."""
     import torch
 
     from feedpipe.training import example_tensors, forward_examples
 
-    valid = examples.filter(pl.col(SPLIT) == VALIDATION)
+    valid = examples.filter(pl.col(SPLIT) == TEST)
     data = example_tensors(valid, trained.customer_specs, trained.product_specs)
     with torch.no_grad():
         probs = torch.cat(

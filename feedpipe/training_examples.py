@@ -8,10 +8,17 @@ days: avoiding the holdout's purchases too would let the held-out days shape the
 pair bought in the holdout could never be a training negative), and the evaluation on those days
 would flatter the learned rankers against popularity. Validation negatives avoid every purchase in
 the window.
+
+The held-out examples are split once more, by customer: half stay `validation` (what training and the
+LightGBM baseline early-stop on, and the AUC floor checks), half become `test`, which only the
+nightly evaluation reads. A ranker early-stopped on the customers it is then judged on would be tuned
+on its own exam, while popularity is not tuned at all. The half is a hash of the customer id, so a
+customer keeps its half from night to night.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -22,6 +29,7 @@ from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID, TS
 
 TRAIN = "train"
 VALIDATION = "validation"
+TEST = "test"
 LABEL = "label"
 SPLIT = "split"
 
@@ -85,6 +93,18 @@ def holdout_pairs(transactions: pl.DataFrame, window: Window) -> tuple[pl.DataFr
     return train, held
 
 
+def in_test_half(customer_ids: pl.Series) -> pl.Series:
+    """Whether each customer's held-out examples are `test` (not `validation`): crc32 of the id, odd.
+
+    A hash stable across processes and library versions (polars' own hash is neither promised to be),
+    computed once per distinct id."""
+    ids = customer_ids.cast(pl.Utf8)
+    distinct = ids.unique()
+    odd = pl.Series([zlib.crc32(i.encode()) % 2 == 1 for i in distinct.to_list()], dtype=pl.Boolean)
+    return ids.to_frame("id").join(pl.DataFrame({"id": distinct, "odd": odd}), on="id", how="left",
+                                    maintain_order="left").get_column("odd")
+
+
 def sample_negatives(
     positives: pl.DataFrame, bought: pl.DataFrame, product_ids: pl.Series, ratio: int, seed: int
 ) -> pl.DataFrame:
@@ -138,7 +158,10 @@ def build_training_examples(
         neg = sample_negatives(pos, bought, product_ids, config.negatives_per_positive, config.seed * 2 + seed_offset)
         parts.append(pos.with_columns(pl.lit(1.0, pl.Float32).alias(LABEL), pl.lit(split).alias(SPLIT)))
         parts.append(neg.with_columns(pl.lit(0.0, pl.Float32).alias(LABEL), pl.lit(split).alias(SPLIT)))
-    return pl.concat(parts)
+    examples = pl.concat(parts)
+    held = examples.get_column(SPLIT) == VALIDATION
+    test = held & in_test_half(examples.get_column(CUSTOMER_ID))
+    return examples.with_columns(pl.when(test).then(pl.lit(TEST)).otherwise(pl.col(SPLIT)).alias(SPLIT))
 
 
 def attach_features(examples: pl.DataFrame, encoded_customers: pl.DataFrame, encoded_products: pl.DataFrame) -> pl.DataFrame:

@@ -89,7 +89,7 @@ def test_training_examples_hold_both_splits_and_encoded_features(env):
     run, load, *_ = env
     run(["transactions", "customers", "products", "vocabularies", "training_examples"])
     ex = load("training_examples")
-    assert set(ex.get_column("split").unique()) == {"train", "validation"}
+    assert set(ex.get_column("split").unique()) == {"train", "validation", "test"}
     assert ex.schema["products.tags"] == pl.List(pl.Int64)
     assert ex.filter(pl.col("label") == 0).height >= 3 * ex.filter(pl.col("label") == 1).height
 

@@ -52,7 +52,7 @@ def test_negatives_come_at_the_ratio_and_never_name_a_bought_product():
     in_window = TX.filter((pl.col("ts") >= window.start) & (pl.col("ts") < window.end))
     bought_before_holdout = in_window.filter(pl.col("ts") < window.holdout).select("customer_id", "product_id").unique()
     bought_in_window = in_window.select("customer_id", "product_id").unique()
-    train_neg, valid_neg = neg.filter(pl.col("split") == "train"), neg.filter(pl.col("split") == "validation")
+    train_neg, valid_neg = neg.filter(pl.col("split") == "train"), neg.filter(pl.col("split") != "train")
     assert train_neg.join(bought_before_holdout, on=["customer_id", "product_id"], how="semi").is_empty()
     assert valid_neg.join(bought_in_window, on=["customer_id", "product_id"], how="semi").is_empty()
 
@@ -110,3 +110,16 @@ def test_an_exclusion_window_is_its_days_before_the_feed_date():
     assert (window.start, window.end) == (datetime(2026, 3, 28), datetime(2026, 3, 31))
     with pytest.raises(ValueError, match="at least one day"):
         Window.last_days(FEED_DATE, 0)
+
+
+def test_held_out_customers_are_split_into_validation_and_test_halves_that_stay_put():
+    """Early stopping reads `validation`, the evaluation reads `test`: never the same customer's examples."""
+    many = _tx([(f"c{i % 40}", f"p{1 + (7 * i) % 39}", datetime(2026, 3, 1 + i % 22)) for i in range(300)]
+               + [(f"c{i % 40}", f"p{1 + (5 * i) % 39}", datetime(2026, 3, 25 + i % 6)) for i in range(200)])
+    ex = build_training_examples(many, PRODUCTS, FEED_DATE, ExampleConfig())
+    by_split = {s: set(ex.filter(pl.col("split") == s).get_column("customer_id")) for s in ("validation", "test")}
+    assert by_split["validation"] and by_split["test"] and not by_split["validation"] & by_split["test"]
+    assert ex.filter(pl.col("split") == "test").get_column("label").n_unique() == 2  # positives and negatives
+    # A customer's half is its id's, whatever else is in the data (so it keeps it night after night).
+    fewer = build_training_examples(many.filter(pl.col("customer_id") != "c0"), PRODUCTS, FEED_DATE, ExampleConfig())
+    assert set(fewer.filter(pl.col("split") == "test").get_column("customer_id")) == by_split["test"] - {"c0"}

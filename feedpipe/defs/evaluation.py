@@ -11,7 +11,7 @@ from pydantic import Field
 from feedpipe.defs.metadata import markdown_table
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ArtifactsResource, DataResource
-from feedpipe.model_evaluation import evaluate_rankers, validation_scores
+from feedpipe.model_evaluation import evaluate_rankers, held_out_scores
 from feedpipe.plots import loss_curves, score_histogram
 from feedpipe.training import TrainedModel
 
@@ -65,7 +65,7 @@ def model_evaluation(
     )
     # Kept by model version too, so `feedpipe report` finds the evaluation of the model being served.
     ev.save(artifacts.path("evaluations", ev.model_version))
-    pos, neg = validation_scores(dlrm_model, training_examples)
+    pos, neg = held_out_scores(dlrm_model, training_examples)
     m = dlrm_model.metrics
     dlrm, pop = ev.ranking["dlrm"], ev.ranking["popularity"]
     numeric = {f"{name}_recall_at_{ev.k}": r["recall"] for name, r in ev.ranking.items()}
@@ -74,8 +74,9 @@ def model_evaluation(
         ev,
         metadata={
             "rankers": markdown_table(ev.table_rows()),
-            "validation_auc": ev.model["auc"],
-            "validation_logloss": ev.model["logloss"],
+            # on the test split: customers no ranker early-stopped on (dlrm_model's validation_auc is the other half's)
+            "held_out_auc": ev.model["auc"],
+            "held_out_logloss": ev.model["logloss"],
             **numeric,
             "evaluated_customers": ev.customers,
             "model_version": ev.model_version,
