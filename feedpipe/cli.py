@@ -15,8 +15,19 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
+import psycopg
+
 from feedpipe.contract import utc_today
-from feedpipe.database import DatabaseError, connect, feedpipe_home, redact_url, resolve_database_url, sqlalchemy_psycopg2_url
+from feedpipe.database import (
+    DATABASE_URL_ENV,
+    DatabaseError,
+    connect,
+    feedpipe_home,
+    redact_message,
+    redact_url,
+    resolve_database_url,
+    sqlalchemy_psycopg2_url,
+)
 
 from feedpipe.demo_data import INPUT_CONFIG_FILE
 
@@ -108,6 +119,47 @@ def _run_config(path: str | None) -> dict:
     return config
 
 
+def _check_asset_configs(run_config: dict, path: str | None) -> None:
+    """Every asset's config class (its bounds, such as ranked_feed's retention >= 1) against the run config.
+
+    Dagster checks the run config's types at launch but a pydantic bound only when the step starts: for
+    ranked_feed, at the end of a run whose other steps have done all the work.
+    """
+    import pydantic
+
+    from feedpipe.definitions import defs
+
+    ops = run_config.get("ops") or {}
+    problems = []
+    for node in defs.resolve_job_def("nightly_feed").graph.node_defs:
+        config_class, given = _config_class(node), (ops.get(node.name) or {}).get("config")
+        if config_class is None or not isinstance(given, dict):
+            continue  # Dagster's own check names what is missing or not a mapping
+        try:
+            config_class(**given)
+        except pydantic.ValidationError as e:
+            problems += [f"  {node.name}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+    if problems:
+        raise UsageError(f"--run-config {path} does not fit the job's config:\n" + "\n".join(problems))
+
+
+def _config_class(node):
+    """The `dg.Config` class an asset's function takes, or None (no config, or an annotation left a string).
+
+    Read through Dagster's compute-function internals: if an upgrade moves them, the early check is
+    skipped (None) and the step still checks its config when it starts."""
+    import dagster as dg
+
+    try:
+        compute_fn = node.compute_fn
+        if not compute_fn.has_config_arg():
+            return None
+        annotation = compute_fn.get_config_arg().annotation
+    except (AttributeError, TypeError):
+        return None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, dg.Config) else None
+
+
 def _failure_messages(result) -> list[str]:
     out = []
     for event in result.all_events:
@@ -134,6 +186,7 @@ def cmd_run(args) -> int:
         print(f"feedpipe: {feed_date} is outside the feed-date partitions (from {feed_date_partitions.start:%Y-%m-%d} to today)", file=sys.stderr)
         return 2
     run_config = _run_config(args.run_config)
+    _check_asset_configs(run_config, args.run_config)
     url = prepare_environment()
     # Fails in a second with the database named; Dagster's own storage would retry for ~25 s, then trace back.
     connect(url).close()
@@ -184,9 +237,9 @@ def cmd_run(args) -> int:
 
 
 def _served_version(conn) -> dict | None:
-    from feedpipe.publishing import current_version
+    from feedpipe.feed_queries import served_version
 
-    version = current_version(conn)
+    version = served_version(conn)
     if version is None:
         print("no feed published yet: run `feedpipe run`", file=sys.stderr)
     return version
@@ -196,7 +249,9 @@ def cmd_feed(args) -> int:
     from feedpipe.publishing import read_feed
 
     url = resolve_database_url()
-    with connect(url) as conn:
+    # One transaction, the version view read first: it keeps a publish's switch waiting until the rows are read,
+    # so the header and the rows are of one version.
+    with connect(url) as conn, conn.transaction():
         version = _served_version(conn)
         if version is None:
             return 1
@@ -275,12 +330,19 @@ def cmd_db_url(args) -> int:
 
 
 def cmd_db_init(args) -> int:
+    from feedpipe.feed_schema import MIGRATIONS_TABLE, SCHEMA, missing_views
     from feedpipe.publishing import init_schema
 
     url = resolve_database_url()
     with connect(url) as conn:
+        # Only a schema that was set up can have lost a view; a fresh one gets them from the migrations.
+        migrated = conn.execute("SELECT to_regclass(%s)", [f"{SCHEMA}.{MIGRATIONS_TABLE}"]).fetchone()[0]
+        missing = missing_views(conn.cursor()) if migrated is not None else []
+        conn.rollback()
         applied = init_schema(conn)
-    print(f"schema ready on {redact_url(url)}" + (f" (applied {', '.join(applied)})" if applied else " (nothing to apply)"))
+    done = [f"applied {', '.join(applied)}"] if applied else []
+    done += [f"recreated {', '.join(f'{SCHEMA}.{view}' for view in missing)}"] if missing else []
+    print(f"schema ready on {redact_url(url)} ({'; '.join(done) or 'nothing to apply'})")
     return 0
 
 
@@ -316,7 +378,7 @@ def _existing_file(text: str) -> str:
     return text
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -324,12 +386,16 @@ def _int_at_least(minimum: int):
             value = minimum - 1
         if value < minimum:
             raise argparse.ArgumentTypeError(f"not a whole number of at least {minimum}: {text!r}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"not a whole number of at most {maximum}: {text!r}")
         return value
 
     return parse
 
 
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+# Ranks are a Postgres integer: no feed is longer, and a larger LIMIT is out of bigint's range.
+_MAX_RANK = 2**31 - 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("feed", help="print one customer's current feed")
     f.add_argument("customer_id", nargs="?", help="default: the first customer with a feed")
-    f.add_argument("--limit", type=_positive_int, default=None, help="at most this many ranks")
+    f.add_argument("--limit", type=_int_at_least(1, _MAX_RANK), default=None, help="at most this many ranks")
     f.set_defaults(func=cmd_feed)
 
     rep = sub.add_parser("report", help="the served feed's version and its model's evaluation")
@@ -392,6 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except UsageError as e:
         print(f"feedpipe: {e}", file=sys.stderr)
+        return 2
+    except psycopg.Error as e:  # the server refused (a login without a privilege, say): the user's to fix
+        url = os.environ.get(DATABASE_URL_ENV) or ""
+        first_line = (str(e).strip().splitlines() or [""])[0]  # the rest quotes our SQL, which the user cannot change
+        print(f"feedpipe: the database refused ({type(e).__name__}): {redact_message(first_line, url)}",
+              file=sys.stderr)
+        return 1
+    except UnicodeError as e:  # an argument that is not UTF-8 (a shell passing Latin-1 bytes, say)
+        print(f"feedpipe: an argument is not valid UTF-8 text: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the user gave: exists already, not a directory, no permission
         print(f"feedpipe: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -33,8 +33,15 @@ PGDATA_DIR = "pgdata"
 _DEFAULT_PORT = 5432
 _REDACTED = "***"
 _URL_SCHEME = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.IGNORECASE)
-# Every libpq parameter that holds a secret ends in "password" (password, sslpassword).
-_QUERY_PASSWORD = re.compile(r"(^|&)(\w*password=)[^&]*", re.IGNORECASE)
+# Any URL, redacted alike: a mistaken scheme must not show its password either.
+_ANY_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Where a query starts: '?' and a parameter name (a '?' with no '=' after it may sit inside a password).
+_QUERY_START = re.compile(r"\?[\w%.-]+=")
+# One query parameter: its value runs to the next '&name=' (a libpq keyword or any other), as a raw '&' may
+# sit inside a password. Every libpq parameter that holds a secret ends in "password" (password, sslpassword).
+_QUERY_PARAM = re.compile(r"(?:(?<=\?)|&)([^&=]+)=(.*?)(?=&[\w%.-]+=|\Z)", re.DOTALL)
+# Where libpq may cut a password into the pieces it then reads as a host, port, database or parameter.
+_PASSWORD_CUTS = re.compile(r"[/@?#&:\s]+")
 # A quoted value, or everything up to the next "key=": in a DSN that does not parse, an unquoted space
 # may sit inside the password.
 _KEYWORD_PASSWORD = re.compile(r"(\b\w*password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+(?:\s+(?!\w+\s*=)\S+)*)",
@@ -144,24 +151,50 @@ def sqlalchemy_psycopg2_url(url: str) -> str:
 def redact_url(url: str) -> str:
     """`url` with any password (in the user info, a `password=` query parameter or a key=value DSN) as `***`.
 
-    Never raises, and never returns a string from which libpq would read a password: the URL's own text is
-    redacted where Python's URL parser reads it as libpq does; where the two differ (a `#`, `?` or `[` in a
-    password, a percent-encoded parameter name) the URL is rebuilt from libpq's reading of it, and one
-    neither parser reads is not shown at all.
+    Never raises, and never returns a string from which libpq would read a password. The URL's own text is
+    redacted (see `_secret_spans`: a raw '/', '@', '?', '#' or '&' in a password is hidden too, though libpq
+    would cut the password there); where libpq's reading of that still shows a password (a percent-encoded
+    parameter name, say) the URL is rebuilt from libpq's reading of the original.
     """
     try:
         params = {k: v for k, v in conninfo_to_dict(url).items() if v is not None}
     except (psycopg.Error, TypeError, ValueError):
         params = None
-    try:
-        shown = _redacted_text(url)
-    except ValueError:  # urlsplit refuses what libpq may take (an unbalanced '[' in a password)
-        shown = None
-    if shown is not None and params is not None and _shows_a_password(shown, params):
-        shown = None
-    if shown is None:
-        shown = _rebuilt_url(params) if params is not None else "<a database URL that does not parse, not shown>"
+    shown = _redacted_text(url)
+    if params is not None and _shows_a_password(shown, params):
+        shown = _rebuilt_url(params)
     return shown
+
+
+def redact_message(message: str, url: str) -> str:
+    """`message` (a driver's or server's error) without any secret of `url` that it may quote.
+
+    libpq quotes what it read as the host, port or database name, which is a piece of the password when the
+    password holds an unencoded '/' or '@': so every piece of every candidate password is scrubbed too.
+    """
+    text = _KEYWORD_PASSWORD.sub(rf"\g<1>{_REDACTED}", message)
+    for secret in sorted(_candidate_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, _REDACTED)
+    for piece in sorted(_secret_pieces(url), key=len, reverse=True):
+        # Bounded, so a short piece does not blank every word it occurs in; libpq splits at the same
+        # characters, so a piece it quotes is bounded by one of them or by the quote.
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(piece)}(?![A-Za-z0-9])", _REDACTED, text)
+    return text
+
+
+def _candidate_secrets(url: str) -> set[str]:
+    """Every password of `url` as its text spells it and as libpq reads it, raw and percent-decoded."""
+    found = {url[start:end] for start, end in _secret_spans(url)}
+    try:
+        found |= {v for k, v in conninfo_to_dict(url).items() if k.endswith("password") and v}
+    except (psycopg.Error, TypeError, ValueError):
+        pass
+    found |= {unquote(s) for s in found}
+    return {s.strip("'") for s in found if s.strip("'") and s != _REDACTED}
+
+
+def _secret_pieces(url: str) -> set[str]:
+    return {p for s in _candidate_secrets(url) for p in _PASSWORD_CUTS.split(s) if p} - {_REDACTED}
 
 
 def _shows_a_password(shown: str, params: Mapping[str, str]) -> bool:
@@ -190,17 +223,40 @@ def _rebuilt_url(params: Mapping[str, str]) -> str:
 
 
 def _redacted_text(url: str) -> str:
-    if "://" not in url:
-        return _KEYWORD_PASSWORD.sub(rf"\g<1>{_REDACTED}", url)
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    userinfo, at, hostinfo = netloc.rpartition("@")
-    if at:
-        user, colon, password = userinfo.partition(":")
-        if colon and password:
-            netloc = f"{user}:{_REDACTED}@{hostinfo}"
-    query = _QUERY_PASSWORD.sub(rf"\g<1>\g<2>{_REDACTED}", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    shown, last = [], 0
+    for start, end in _secret_spans(url):
+        shown += [url[last:start], _REDACTED]
+        last = end
+    return "".join(shown) + url[last:]
+
+
+def _secret_spans(url: str) -> list[tuple[int, int]]:
+    """Where the passwords sit in `url`'s text, in order, read as the person who wrote it meant them.
+
+    libpq and urlsplit both end the user info at the first '/' (libpq also at the first '@'), so a password
+    holding either is, to them, a host, port or path. Here the password runs from `scheme://user:` to the
+    last '@' before the query (the first `?name=` after the first '@'), and a `password=` query value runs to
+    the next `&name=` or the end. A URL with no user info but an '@' in its query is over-redacted: the
+    price of never under-redacting.
+    """
+    scheme = _ANY_SCHEME.match(url)
+    if scheme is None:
+        return [m.span(2) for m in _KEYWORD_PASSWORD.finditer(url)]
+    base = scheme.end()
+    rest = url[base:]
+    spans = []
+    first_at = rest.find("@")
+    query_after = _QUERY_START.search(rest, first_at + 1) if first_at >= 0 else None
+    last_at = rest.rfind("@", 0, query_after.start() if query_after else len(rest))
+    colon = rest.find(":", 0, last_at) if last_at >= 0 else -1
+    if 0 <= colon < last_at - 1:
+        spans.append((base + colon + 1, base + last_at))
+    query = rest.find("?", last_at + 1)
+    if query >= 0:
+        for m in _QUERY_PARAM.finditer(rest, query + 1):
+            if unquote(m.group(1)).lower().endswith("password") and m.group(2):
+                spans.append((base + m.start(2), base + m.end(2)))
+    return spans
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:
@@ -217,7 +273,6 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
         message = (f"could not connect to {redact_url(url)}: the database URL does not parse (special "
                    "characters in a password must be percent-encoded, e.g. % as %25)")
         raise DatabaseError(message, url) from None
-    secrets = [v for k, v in params.items() if k.endswith("password") and v]
     try:
         kwargs.setdefault("application_name", "feedpipe")
         # The feed's binary COPY sends ids as UTF-8 bytes; a LATIN1 database's default client encoding
@@ -227,8 +282,5 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
             kwargs.setdefault("connect_timeout", 10)
         return psycopg.connect(url, **kwargs)
     except psycopg.Error as exc:
-        detail = _KEYWORD_PASSWORD.sub(rf"\g<1>{_REDACTED}", str(exc).strip())
-        for secret in secrets:
-            detail = detail.replace(secret, _REDACTED)
-        message = f"could not connect to {redact_url(url)}: {detail}"
+        message = f"could not connect to {redact_url(url)}: {redact_message(str(exc).strip(), url)}"
     raise DatabaseError(message, url) from None

@@ -11,7 +11,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from feedpipe.feed_schema import SCHEMA, VERSIONS_TABLE, VIEW, qualified
+from feedpipe.feed_schema import SCHEMA, VERSION_VIEW, VERSIONS_TABLE, VIEW, qualified
+
 
 def _schema_ready(conn: psycopg.Connection) -> bool:
     return conn.execute("SELECT to_regclass(%s)", [f"{SCHEMA}.{VERSIONS_TABLE}"]).fetchone()[0] is not None
@@ -33,11 +34,28 @@ def list_versions(conn: psycopg.Connection) -> list[dict]:
 
 
 def current_version(conn: psycopg.Connection) -> dict | None:
-    """The `feed_versions` row the view serves, or None before the first publish."""
+    """The `feed_versions` row the view serves (run id and table included), or None before the first publish.
+
+    Reads the private bookkeeping table: for operators. A reader's code, the CLI's included, calls `served_version`.
+    """
     if not _schema_ready(conn):
         return None
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(sql.SQL("SELECT * FROM {} WHERE status = 'current'").format(qualified(VERSIONS_TABLE)))
+        return cur.fetchone()
+
+
+def served_version(conn: psycopg.Connection) -> dict | None:
+    """The served version as readers see it (the columns of `current_feed_version`), or None before the first publish.
+
+    Reads the public view, so a login given only the reader role may call it. In a transaction, reading the view
+    keeps the switch waiting until the transaction ends, so the transaction's later reads of `current_feed`
+    serve this same version: read it first.
+    """
+    if conn.execute("SELECT to_regclass(%s)", [f"{SCHEMA}.{VERSION_VIEW}"]).fetchone()[0] is None:
+        return None
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.SQL("SELECT * FROM {}").format(qualified(VERSION_VIEW)))
         return cur.fetchone()
 
 

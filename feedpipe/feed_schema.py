@@ -8,7 +8,8 @@ Everything lives in the schema `feedpipe`:
 - `feed_versions`, `feed_version_seq`, `schema_migrations`: bookkeeping, invisible to readers;
 - the role `feedpipe_reader` (NOLOGIN): USAGE on the schema and SELECT on the two views, nothing else.
 
-`init_schema()` applies the migrations; `feedpipe db init` and every publish call it.
+`init_schema()` applies the migrations and recreates a view dropped by hand; `feedpipe db init` and every publish
+call it.
 """
 
 from __future__ import annotations
@@ -109,10 +110,10 @@ def view_sql(table: str | None, constants: dict[str, Any]) -> sql.Composed:
     )
 
 
-def grant_reader_sql() -> sql.Composed:
-    """SELECT on both views. CREATE OR REPLACE VIEW keeps grants; the switch repeats this for a role made since."""
-    return sql.SQL("GRANT SELECT ON {}, {} TO {}").format(
-        qualified(VIEW), qualified(VERSION_VIEW), sql.Identifier(READER_ROLE)
+def grant_reader_sql(views: tuple[str, ...] = (VIEW, VERSION_VIEW)) -> sql.Composed:
+    """SELECT on the views. CREATE OR REPLACE VIEW keeps grants; init_schema repeats this for a role made since."""
+    return sql.SQL("GRANT SELECT ON {} TO {}").format(
+        sql.SQL(", ").join(map(qualified, views)), sql.Identifier(READER_ROLE)
     )
 
 
@@ -153,8 +154,7 @@ def _migration_0001(cur: psycopg.Cursor) -> None:
 
 
 def version_view_sql() -> sql.Composed:
-    """The view of the served version's row. The switch issues it again to take the view's lock: a reader
-    holding it in a transaction then keeps the switch waiting, as one holding `current_feed` does."""
+    """The view of the served version's row; the switch issues it again after locking both views."""
     return sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT {} FROM {} WHERE status = 'current'").format(
         qualified(VERSION_VIEW), sql.SQL(", ").join(map(sql.Identifier, VERSION_VIEW_COLUMNS)),
         qualified(VERSIONS_TABLE),
@@ -175,6 +175,9 @@ MIGRATIONS = (
 
 def init_schema(conn: psycopg.Connection) -> list[str]:
     """Create or update the feedpipe schema; returns the ids of the migrations applied now (empty when up to date).
+
+    A view that is missing though its migration is recorded (dropped by hand) is recreated: see
+    `_recreate_missing_views`.
 
     Safe to run repeatedly and concurrently: a transaction-level advisory lock serializes callers per database.
     """
@@ -199,10 +202,45 @@ def init_schema(conn: psycopg.Connection) -> list[str]:
                 record = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(qualified(MIGRATIONS_TABLE))
                 cur.execute(record, [migration_id])
                 applied.append(migration_id)
+        _recreate_missing_views(cur)
         _ensure_reader_role(cur)
     if applied:
         logger.info("applied feedpipe migrations %s", applied)
     return applied
+
+
+def missing_views(cur: psycopg.Cursor) -> list[str]:
+    """The readers' views that do not exist (someone dropped them, or a table under them with CASCADE)."""
+    cur.execute("SELECT to_regclass(%s), to_regclass(%s)", [f"{SCHEMA}.{VIEW}", f"{SCHEMA}.{VERSION_VIEW}"])
+    return [name for name, found in zip((VIEW, VERSION_VIEW), cur.fetchone()) if found is None]
+
+
+def _recreate_missing_views(cur: psycopg.Cursor) -> None:
+    """Recreate a dropped view: the migrations that made it are recorded as applied and will not run again.
+
+    `current_feed` comes back over the current version's table while that table exists, else as the empty
+    placeholder (the next publish points it at its table). Under the schema lock, so no switch runs meanwhile.
+    """
+    for name in missing_views(cur):
+        if name == VERSION_VIEW:
+            cur.execute(version_view_sql())
+        else:
+            cur.execute(_current_view_sql(cur))
+        logger.warning("recreated the missing view %s.%s", SCHEMA, name)
+
+
+def _current_view_sql(cur: psycopg.Cursor) -> sql.Composed:
+    cur.execute(
+        sql.SQL("SELECT table_name, feed_date, model_version FROM {} "
+                "WHERE status = 'current' AND to_regclass(%s || '.' || table_name) IS NOT NULL").format(
+            qualified(VERSIONS_TABLE)),
+        [SCHEMA],
+    )
+    current = cur.fetchone()
+    if current is None:
+        return view_sql(None, {})
+    table, feed_date, model_version = current
+    return view_sql(table, {"feed_date": feed_date, "model_version": model_version})
 
 
 def _ensure_reader_role(cur: psycopg.Cursor) -> None:
@@ -224,4 +262,7 @@ def _ensure_reader_role(cur: psycopg.Cursor) -> None:
             ).format(sql.Identifier(READER_ROLE))
         )
     cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(SCHEMA), sql.Identifier(READER_ROLE)))
-    cur.execute(grant_reader_sql())
+    # Only on what exists: a GRANT naming a missing view fails init_schema, and with it every publish.
+    present = tuple(v for v in (VIEW, VERSION_VIEW) if v not in missing_views(cur))
+    if present:
+        cur.execute(grant_reader_sql(present))

@@ -101,7 +101,8 @@ def publish_feed(
 ) -> PublishResult:
     """Load `feed` into a new version table and make it what `feedpipe.current_feed` serves.
 
-    `retention` versions (the current one included) keep their tables; older ones are dropped. `lock_timeout_ms`
+    `retention` versions (the current one included) keep their tables, the rest are dropped: the current one, then
+    the most recently served before it, then unserved backfills (see `_apply_retention`). `lock_timeout_ms`
     bounds how long the switch (and each drop) may queue behind readers, during which new readers queue behind it;
     the switch is retried `switch_attempts` times. A concurrent publish waits up to `publish_lock_wait_s` for this
     one. An empty feed is refused unless `allow_empty`: served, it would blank every customer's feed.
@@ -142,7 +143,7 @@ def publish_feed(
         except BaseException:
             _mark_failed(conn, version, table, lock_timeout_ms)
             raise
-        dropped = _apply_retention(conn, retention, lock_timeout_ms)
+        dropped = _apply_retention(conn, version, retention, lock_timeout_ms)
     result = PublishResult(
         version=version, table_name=f"{SCHEMA}.{table}", rows=rows, customers=customers,
         seconds=time.perf_counter() - started, copy_seconds=copy_seconds, index_seconds=index_seconds,
@@ -250,6 +251,12 @@ def _load(
     return t1 - t0, t2 - t1, loaded
 
 
+# A reader holding one view in a transaction, and then reading the other, meets the switch's locks either way;
+# when its order and the switch's cross, the server ends one side of the deadlock, and it is the switch, which waited
+# first (deadlock_timeout, 1 s by default, counts from the start of a wait). Both are worth another try.
+_SWITCH_RETRYABLE = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
+
+
 def _switch(
     conn: psycopg.Connection, version: int, table: str, customers: int, feed_date: dt.date, model_version: str,
     lock_timeout_ms: int, attempts: int, replace_newer: bool = False,
@@ -257,59 +264,68 @@ def _switch(
     """Point the view at `table` and record it current, in one transaction short enough to be atomic for readers.
 
     Returns (served, the feed date served after it): a feed older than the served one is recorded 'retired'
-    (kept, not served) unless `replace_newer`.
+    (kept, not served) unless `replace_newer`. Retried `attempts` times when readers hold the views past
+    `lock_timeout_ms` or the switch loses a deadlock against one.
     """
-    view = view_sql(table, {"feed_date": feed_date, "model_version": model_version})
     for attempt in range(1, attempts + 1):
         try:
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_timeout_ms)}ms"])
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK_KEY])
-                cur.execute(sql.SQL("SELECT feed_date FROM {} WHERE status = 'current'").format(
-                    qualified(VERSIONS_TABLE)))
-                current = cur.fetchone()
-                if current is not None and current[0] > feed_date and not replace_newer:
-                    cur.execute(
-                        sql.SQL("UPDATE {} SET status = 'retired', customers = %s WHERE version = %s").format(
-                            qualified(VERSIONS_TABLE)),
-                        [customers, version],
-                    )
-                    return False, current[0]
-                cur.execute(
-                    sql.SQL("UPDATE {} SET status = 'retired' WHERE status = 'current'").format(
-                        qualified(VERSIONS_TABLE)
-                    )
-                )
-                cur.execute(
-                    sql.SQL(
-                        "UPDATE {} SET status = 'current', published_at = now(), customers = %s WHERE version = %s"
-                    ).format(qualified(VERSIONS_TABLE)),
-                    [customers, version],
-                )
-                # Last: from here to the commit the views are locked and new readers queue behind them. The
-                # version view first: a reader that read it in a transaction keeps the switch waiting, so its
-                # later reads of current_feed still see the version it read. CREATE OR REPLACE keeps the views'
-                # grants (init_schema granted them at this publish's start).
-                cur.execute(version_view_sql())
-                cur.execute(view)
-            return True, feed_date
-        except psycopg.errors.LockNotAvailable:
-            holders = conn.execute(
-                "SELECT pid, now() - query_start FROM pg_stat_activity WHERE pid IN ("
-                "  SELECT pid FROM pg_locks WHERE relation IN (to_regclass(%s), to_regclass(%s)) AND granted) "
-                "AND pid <> pg_backend_pid()",
-                [f"{SCHEMA}.{VIEW}", f"{SCHEMA}.{VERSION_VIEW}"],
-            ).fetchall()
-            logger.warning(
-                "switch to %s attempt %d/%d: readers held %s.%s past %d ms (pid, running for): %s",
-                table, attempt, attempts, SCHEMA, VIEW, lock_timeout_ms, holders,
-            )
+                return _switch_once(cur, version, table, customers, feed_date, model_version, lock_timeout_ms,
+                                    replace_newer)
+        except _SWITCH_RETRYABLE as exc:
+            holders = _view_lock_holders(conn)
+            why = "lost a deadlock against a reader" if isinstance(exc, psycopg.errors.DeadlockDetected) else \
+                f"readers held the views past {lock_timeout_ms} ms"
+            logger.warning("switch to %s attempt %d/%d: %s (pid, running for): %s",
+                           table, attempt, attempts, why, holders)
             if attempt == attempts:
                 raise PublishError(
                     f"could not switch {SCHEMA}.{VIEW} to {table} in {attempts} attempts of {lock_timeout_ms} ms: "
                     f"long-running readers hold the view (pid, running for): {holders}"
                 ) from None
             time.sleep(min(0.2 * 2**attempt, 5.0))
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _switch_once(
+    cur: psycopg.Cursor, version: int, table: str, customers: int, feed_date: dt.date, model_version: str,
+    lock_timeout_ms: int, replace_newer: bool,
+) -> tuple[bool, dt.date]:
+    cur.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_timeout_ms)}ms"])
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK_KEY])
+    cur.execute(sql.SQL("SELECT feed_date FROM {} WHERE status = 'current'").format(qualified(VERSIONS_TABLE)))
+    current = cur.fetchone()
+    if current is not None and current[0] > feed_date and not replace_newer:
+        cur.execute(
+            sql.SQL("UPDATE {} SET status = 'retired', customers = %s WHERE version = %s").format(
+                qualified(VERSIONS_TABLE)),
+            [customers, version],
+        )
+        return False, current[0]
+    # Both views at once, before anything a reader could wait on: from here to the commit new readers queue, and
+    # a reader that read either view in its transaction keeps the switch waiting, so its later reads still see
+    # the version it read. Taken one at a time, mid-switch, a reader holding the second would deadlock it.
+    cur.execute(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(qualified(VIEW), qualified(VERSION_VIEW)))
+    cur.execute(sql.SQL("UPDATE {} SET status = 'retired' WHERE status = 'current'").format(qualified(VERSIONS_TABLE)))
+    cur.execute(
+        sql.SQL("UPDATE {} SET status = 'current', published_at = now(), customers = %s WHERE version = %s").format(
+            qualified(VERSIONS_TABLE)),
+        [customers, version],
+    )
+    # CREATE OR REPLACE keeps the views' grants (init_schema granted them at this publish's start).
+    cur.execute(version_view_sql())
+    cur.execute(view_sql(table, {"feed_date": feed_date, "model_version": model_version}))
+    return True, feed_date
+
+
+def _view_lock_holders(conn: psycopg.Connection) -> list[tuple]:
+    """(pid, running for) of the other sessions holding a lock on either view."""
+    return conn.execute(
+        "SELECT pid, now() - query_start FROM pg_stat_activity WHERE pid IN ("
+        "  SELECT pid FROM pg_locks WHERE relation IN (to_regclass(%s), to_regclass(%s)) AND granted) "
+        "AND pid <> pg_backend_pid()",
+        [f"{SCHEMA}.{VIEW}", f"{SCHEMA}.{VERSION_VIEW}"],
+    ).fetchall()
 
 
 def _mark_failed(conn: psycopg.Connection, version: int, table: str, lock_timeout_ms: int) -> None:
@@ -328,18 +344,29 @@ def _mark_failed(conn: psycopg.Connection, version: int, table: str, lock_timeou
         logger.warning("could not mark version %d failed (the next publish will): %s", version, exc)
 
 
-def _apply_retention(conn: psycopg.Connection, retention: int, lock_timeout_ms: int) -> list[str]:
-    """Drop the tables of served versions beyond the newest `retention`, never the current one's."""
+def _apply_retention(conn: psycopg.Connection, published: int, retention: int, lock_timeout_ms: int) -> list[str]:
+    """Drop the tables beyond the `retention` versions kept; returns the tables dropped.
+
+    Kept, in this order, until `retention` tables are: the current version; the versions served before it, most
+    recently served first (the rollback targets); then backfills that were loaded but never served, newest feed
+    date first. So a backfill never pushes out a rollback target. The version `published` now is kept whatever
+    its rank: a backfill loaded and not served stays a view switch away at least until the next publish.
+    Versions whose tables are gone already take no place.
+    """
     try:
         doomed = conn.execute(
             sql.SQL(
-                "SELECT table_name FROM {} "
-                "WHERE status = 'retired' AND to_regclass(%s || '.' || table_name) IS NOT NULL "
-                "AND version NOT IN (SELECT version FROM {} WHERE status IN ('current', 'retired') "
-                "                    ORDER BY status = 'current' DESC, version DESC LIMIT %s) "
+                "WITH kept AS (SELECT version, status, published_at, feed_date FROM {} "
+                "              WHERE status IN ('current', 'retired') "
+                "              AND to_regclass(%(schema)s || '.' || table_name) IS NOT NULL) "
+                "SELECT table_name FROM {} WHERE status = 'retired' AND version <> %(published)s "
+                "AND to_regclass(%(schema)s || '.' || table_name) IS NOT NULL "
+                "AND version NOT IN (SELECT version FROM kept ORDER BY status = 'current' DESC, "
+                "                    published_at IS NOT NULL DESC, published_at DESC, feed_date DESC NULLS LAST, "
+                "                    version DESC LIMIT %(retention)s) "
                 "ORDER BY version"
             ).format(qualified(VERSIONS_TABLE), qualified(VERSIONS_TABLE)),
-            [SCHEMA, retention],
+            {"schema": SCHEMA, "published": published, "retention": retention},
         ).fetchall()
         return [f"{SCHEMA}.{t}" for (t,) in doomed if _drop_table(conn, t, lock_timeout_ms)]
     except psycopg.Error as exc:  # the new version is already served; a failed cleanup must not fail the publish

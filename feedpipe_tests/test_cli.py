@@ -138,3 +138,146 @@ def test_a_path_mistake_is_one_line(tmp_path, capsys):
     assert main(["demo-data", str(target), "--customers", "5", "--products", "5", "--days", "2"]) == 1
     err = capsys.readouterr().err
     assert str(target) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://postgres:Sx9q/Kr7Et@127.0.0.1:{port}/db",
+    "postgresql://postgres:Sx9q@Kr7Et@127.0.0.1:{port}/db",
+    "postgresql://postgres@127.0.0.1:{port}/db?password=Sx9q&Kr7Et",
+])
+@pytest.mark.parametrize("argv", [["feed"], ["report", "--json"], ["db", "init"]])
+def test_an_unreachable_database_with_an_unencoded_password_never_shows_it(url, argv, monkeypatch, capsys):
+    from feedpipe_tests.test_database import _closed_port
+
+    monkeypatch.setenv("FEEDPIPE_DATABASE_URL", url.format(port=_closed_port()))
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "could not connect to postgresql://postgres" in err and "Traceback" not in err
+    assert not [s for s in ("Sx9q", "Kr7Et") if s in out + err], err
+
+
+@pytest.fixture
+def reader_login(pg_url):
+    """A served feed on `pg_url`, and a URL for a login that holds only `feedpipe_reader`, as downstream's does."""
+    import uuid
+
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    from feedpipe.database import connect
+    from feedpipe.publishing import publish_feed
+    from feedpipe_tests.test_publishing import DAY, grid_feed
+
+    publish_feed(pg_url, grid_feed(3, 2, tag="-v0"), feed_date=DAY, model_version="m0")  # creates the role
+    role = f"feedpipe_login_{uuid.uuid4().hex[:10]}"
+    with connect(pg_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE feedpipe_reader").format(sql.Identifier(role)))
+    try:
+        yield make_conninfo(pg_url, user=role)
+    finally:
+        with connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_login_with_only_the_reader_role_reads_the_feed_and_the_report(reader_login, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("FEEDPIPE_DATABASE_URL", reader_login)
+    monkeypatch.setenv("FEEDPIPE_HOME", "/nonexistent/feedpipe-home")  # no evaluation to find
+    assert main(["feed", "c1"]) == 0
+    out = capsys.readouterr().out
+    assert "feed for customer c1 (version 1, feed date 2024-03-01, model m0)" in out and "p1-v0" in out
+    assert main(["report", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["feed_version"], report["rows"], report["customers"]) == (1, 6, 3)
+
+
+def test_a_database_refusal_is_one_line_and_exit_1(reader_login, monkeypatch, capsys):
+    monkeypatch.setenv("FEEDPIPE_DATABASE_URL", reader_login)
+    assert main(["db", "init"]) == 1  # a reader may not create the schema's tables
+    err = capsys.readouterr().err
+    assert err.startswith("feedpipe: the database refused (InsufficientPrivilege): permission denied")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_limit_beyond_any_rank_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["feed", "c1", "--limit", "99999999999999999999"])
+    assert exited.value.code == 2
+    assert "not a whole number of at most 2147483647: '99999999999999999999'" in capsys.readouterr().err
+
+
+def test_a_customer_id_that_is_not_utf8_is_one_line(pg_url, monkeypatch, capsys):
+    import os
+
+    from feedpipe.publishing import publish_feed
+    from feedpipe_tests.test_publishing import DAY, grid_feed
+
+    publish_feed(pg_url, grid_feed(3, 2), feed_date=DAY, model_version="m0")
+    monkeypatch.setenv("FEEDPIPE_DATABASE_URL", pg_url)
+    # What Python makes of the argument bytes b"c\xff" from a Latin-1 shell.
+    assert main(["feed", os.fsdecode(b"c\xff")]) == 2
+    err = capsys.readouterr().err
+    assert "feedpipe: an argument is not valid UTF-8 text" in err and "Traceback" not in err
+
+
+def test_a_retention_of_0_is_refused_by_the_config_class():
+    import pydantic
+
+    from feedpipe.defs.feed import FeedConfig
+
+    with pytest.raises(pydantic.ValidationError, match="retention"):
+        FeedConfig(retention=0)
+    assert FeedConfig(retention=1).retention == 1
+
+
+def test_a_retention_of_0_fails_feedpipe_run_before_any_work(tmp_path, monkeypatch, capsys):
+    from feedpipe import cli
+
+    monkeypatch.setattr(cli, "prepare_environment", lambda: pytest.fail("database resolved for a refused config"))
+    monkeypatch.setattr(cli, "_demo_directory", lambda feed_date: pytest.fail("demo data built for a refused config"))
+    bad = tmp_path / "run.yaml"
+    bad.write_text("ops: {ranked_feed: {config: {retention: 0}}}\n")
+    assert main(["run", "--run-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the job's config" in err and "ranked_feed.retention: Input should be greater than or equal to 1" in err
+
+
+def test_feed_prints_the_header_and_rows_of_one_version_when_a_publish_lands_between_the_reads(
+    pg_url, monkeypatch, capsys
+):
+    import datetime as dt
+    import threading
+    import time
+
+    from feedpipe import publishing
+    from feedpipe.database import connect
+    from feedpipe_tests.test_publishing import DAY, grid_feed
+
+    publishing.publish_feed(pg_url, grid_feed(3, 2, tag="-v0"), feed_date=DAY, model_version="m0")
+    monkeypatch.setenv("FEEDPIPE_DATABASE_URL", pg_url)
+    real_read_feed, published = publishing.read_feed, {}
+
+    def publish():
+        published["result"] = publishing.publish_feed(pg_url, grid_feed(3, 2, tag="-v1"),
+                                                      feed_date=DAY + dt.timedelta(days=1), model_version="m1")
+
+    publisher = threading.Thread(target=publish)
+
+    def read_after_a_publish(conn, customer, limit=None):
+        publisher.start()
+        with connect(pg_url, autocommit=True) as watcher:  # until it has switched, or waits on our reads
+            while publisher.is_alive() and not watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'feedpipe' "
+                "AND wait_event_type = 'Lock'"
+            ).fetchone()[0]:
+                time.sleep(0.02)
+        return real_read_feed(conn, customer, limit=limit)
+
+    monkeypatch.setattr(publishing, "read_feed", read_after_a_publish)
+    assert main(["feed", "c1"]) == 0
+    publisher.join(30)
+    out = capsys.readouterr().out
+    assert "(version 1, feed date 2024-03-01, model m0)" in out and "p0-v0" in out and "-v1" not in out
+    assert published["result"].served  # and the publish went through once the reads were done

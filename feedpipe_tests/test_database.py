@@ -132,3 +132,32 @@ def test_a_set_but_empty_database_url_is_refused_not_read_as_embedded(value, tmp
     with pytest.raises(DatabaseError, match=f"{DATABASE_URL_ENV} is set but empty"):
         resolve_database_url({DATABASE_URL_ENV: value, HOME_ENV: str(tmp_path)})
     assert not (tmp_path / "pgdata").exists()  # no embedded server was started
+
+
+# A raw '/', '@' or '&' inside a password: libpq and urlsplit cut the password there and read the rest as the
+# host, port, database or a parameter, so neither parser sees a password to hide.
+UNENCODED_PASSWORD_URLS = [
+    ("postgresql://postgres:Sx9q/Kr7Et@127.0.0.1:{port}/db", "postgresql://postgres:***@127.0.0.1:{port}/db"),
+    ("postgresql://postgres:Sx9q@Kr7Et@127.0.0.1:{port}/db", "postgresql://postgres:***@127.0.0.1:{port}/db"),
+    ("postgresql://postgres@127.0.0.1:{port}/db?password=Sx9q&Kr7Et",
+     "postgresql://postgres@127.0.0.1:{port}/db?password=***"),
+    ("postgresql://postgres@127.0.0.1:{port}/db?password=Sx9q&Kr7Et&sslmode=disable",
+     "postgresql://postgres@127.0.0.1:{port}/db?password=***&sslmode=disable"),
+]
+
+
+@pytest.mark.parametrize("url, redacted", UNENCODED_PASSWORD_URLS)
+def test_a_password_with_an_unencoded_slash_at_or_ampersand_is_redacted_whole(url, redacted):
+    port = _closed_port()
+    assert redact_url(url.format(port=port)) == redacted.format(port=port)
+    with pytest.raises(DatabaseError) as caught:
+        connect(url.format(port=port), connect_timeout=2)
+    rendered = f"{caught.value!s} {caught.value!r} {caught.value.url}"
+    assert rendered.startswith(f"could not connect to {redacted.format(port=port)}")
+    assert "Sx9q" not in rendered and "Kr7Et" not in rendered, rendered
+
+
+def test_an_at_sign_in_the_query_does_not_end_the_user_info():
+    assert redact_url("postgresql://u:pw@h/db?host=/tmp/a@b&password=x&y") == (
+        "postgresql://u:***@h/db?host=/tmp/a@b&password=***"
+    )

@@ -35,7 +35,9 @@ class ScoringConfig(dg.Config):
 
 class FeedConfig(dg.Config):
     k: int = Field(default=20, description="Feed length per customer.")
-    retention: int = Field(default=3, description="Feed versions kept in Postgres (the current one included).")
+    # A bound here, not a check in the body: `feedpipe run` validates every asset's config before any step runs.
+    retention: int = Field(default=3, ge=1, description="Feed versions kept in Postgres (the current one included); "
+                           "at least 1.")
     serve_older_feed_date: bool = Field(
         default=False, description="Serve this feed even when a newer feed date is served (a backfill is otherwise "
         "loaded and kept, a view switch away, but readers stay on the newest date)."
