@@ -162,6 +162,10 @@ def publish_feed(
 # server ends such a session instead: idle in a transaction for this long (a publish never is: it is always
 # sending or waiting on the server), or unanswered keepalives for ~2 minutes (TCP connections only).
 PUBLISH_IDLE_IN_TRANSACTION_S = 300
+# Inside the switch the views are locked and every reader queues behind them: a publisher frozen there (SIGSTOP, a
+# swapped-out host) is ended after this long, not PUBLISH_IDLE_IN_TRANSACTION_S; its few statements take
+# milliseconds. The switch's own transaction only (set_config(..., true)).
+SWITCH_IDLE_IN_TRANSACTION_S = 5
 
 
 def guard_publish_session(conn: psycopg.Connection, idle_in_transaction_s: float = PUBLISH_IDLE_IN_TRANSACTION_S) -> None:
@@ -291,7 +295,8 @@ def _switch_once(
     cur: psycopg.Cursor, version: int, table: str, customers: int, feed_date: dt.date, model_version: str,
     lock_timeout_ms: int, replace_newer: bool,
 ) -> tuple[bool, dt.date]:
-    cur.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_timeout_ms)}ms"])
+    cur.execute("SELECT set_config('lock_timeout', %s, true), set_config('idle_in_transaction_session_timeout', %s, true)",
+                [f"{int(lock_timeout_ms)}ms", f"{int(SWITCH_IDLE_IN_TRANSACTION_S * 1000)}ms"])
     cur.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK_KEY])
     cur.execute(sql.SQL("SELECT feed_date FROM {} WHERE status = 'current'").format(qualified(VERSIONS_TABLE)))
     current = cur.fetchone()
@@ -315,6 +320,7 @@ def _switch_once(
     # CREATE OR REPLACE keeps the views' grants (init_schema granted them at this publish's start).
     cur.execute(version_view_sql())
     cur.execute(view_sql(table, {"feed_date": feed_date, "model_version": model_version}))
+    _pause_point("inside_switch")
     return True, feed_date
 
 

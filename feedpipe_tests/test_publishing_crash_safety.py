@@ -128,3 +128,23 @@ def test_publisher_killed_mid_publish_leaves_served_feed_byte_identical_and_next
         after.version: ("current", True),
     }
     assert sorted(t for t, in tables) == sorted([f"feed_v{served.version}", f"feed_v{after.version}"])
+
+
+def test_a_publisher_frozen_inside_the_switch_holds_readers_seconds_not_minutes(pg_url):
+    """The switch's transaction ends itself after SWITCH_IDLE_IN_TRANSACTION_S idle: readers wait that long."""
+    from feedpipe.publishing import SWITCH_IDLE_IN_TRANSACTION_S
+
+    publish_feed(pg_url, grid_feed(300, 10, tag="-v0"), feed_date=DAY, model_version="m0")
+    before = served_bytes(pg_url)
+    child, _ = start_paused_publisher(pg_url, "inside_switch")
+    try:
+        with connect(pg_url, autocommit=True) as conn:
+            conn.execute("SET statement_timeout = '60s'")
+            t0 = time.monotonic()
+            rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(qualified(VIEW))).fetchone()[0]
+            waited = time.monotonic() - t0
+        assert rows == 3000 and waited < SWITCH_IDLE_IN_TRANSACTION_S + 10, waited  # the old version, soon
+        assert served_bytes(pg_url) == before
+    finally:
+        child.kill()
+        child.wait(timeout=10)
