@@ -17,7 +17,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlencode
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -142,10 +142,18 @@ def sqlalchemy_psycopg2_url(url: str) -> str:
 
     SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3, under which dagster-postgres fails on its
     `NOTIFY run_events, $1`; psycopg2 interpolates parameters client-side and works.
+    A key=value DSN, or a URL naming several hosts (which SQLAlchemy's URL parser cannot read), becomes
+    libpq's own parameters in the query of an empty URL; psycopg2 passes them to libpq as they are.
     """
-    if not _URL_SCHEME.match(url):
-        raise ValueError(f"expected a postgresql:// URL, got {redact_url(url)!r}")
-    return _URL_SCHEME.sub("postgresql+psycopg2://", url, count=1)
+    try:  # libpq knows no "+driver" in a scheme
+        params = {k: v for k, v in conninfo_to_dict(_URL_SCHEME.sub("postgresql://", url, count=1)).items()
+                  if v is not None}
+    except (psycopg.Error, TypeError, ValueError):
+        raise DatabaseError(f"the database URL {redact_url(url)} does not parse (special characters in a password "
+                            "must be percent-encoded, e.g. % as %25)", url) from None
+    if _URL_SCHEME.match(url) and "," not in params.get("host", ""):
+        return _URL_SCHEME.sub("postgresql+psycopg2://", url, count=1)
+    return "postgresql+psycopg2:///?" + urlencode(params)
 
 
 def redact_url(url: str) -> str:

@@ -61,8 +61,30 @@ def test_sqlalchemy_url_uses_psycopg2_and_keeps_the_rest():
     assert sqlalchemy_psycopg2_url("postgresql://u:p@h:5/d?host=/s") == "postgresql+psycopg2://u:p@h:5/d?host=/s"
     assert sqlalchemy_psycopg2_url("postgres://u@h/d") == "postgresql+psycopg2://u@h/d"
     assert sqlalchemy_psycopg2_url("postgresql+psycopg://u@h/d") == "postgresql+psycopg2://u@h/d"
-    with pytest.raises(ValueError, match=r"\*\*\*"):
+    with pytest.raises(DatabaseError, match=r"\*\*\*") as caught:
         sqlalchemy_psycopg2_url("mysql://u:secret@h/d")
+    assert "secret" not in str(caught.value)
+
+
+def test_a_keyword_dsn_and_a_multi_host_url_reach_dagsters_storage_too(pg_url):
+    """`feedpipe run` hands Dagster a SQLAlchemy URL: the DSN forms libpq takes must survive the translation."""
+    import sqlalchemy as sa
+    from psycopg.conninfo import conninfo_to_dict
+
+    p = {k: v for k, v in conninfo_to_dict(pg_url).items() if v}
+    host, port = p.get("host", "127.0.0.1"), p.get("port", "5432")
+    keyword = " ".join(f"{k}={v}" for k, v in p.items())
+    # A second host that nothing listens on: libpq tries the first, which answers.
+    forms = [keyword, " ".join(f"{k}={v}" for k, v in {**p, "host": f"{host},{host}", "port": f"{port},1"}.items())]
+    if not host.startswith("/"):  # a socket directory cannot be written in a URL's host list
+        forms.append(f"postgresql://{p.get('user', 'postgres')}@{host}:{port},{host}:1/{p['dbname']}")
+    for dsn in forms:
+        engine = sa.create_engine(sqlalchemy_psycopg2_url(dsn))
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("select current_database()")).scalar() == p["dbname"], dsn
+        finally:
+            engine.dispose()
 
 
 def test_explicit_database_url_wins_and_home_defaults_to_dot_feedpipe(tmp_path, monkeypatch):
