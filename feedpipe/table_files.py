@@ -118,6 +118,8 @@ def read_schema(stored: StoredTable) -> pl.Schema:
                 header = next(csv.reader(lines), None)
             if header is None:
                 raise InputError(f"{stored}: empty file; expected a header line")
+            if not header:  # csv.reader gives [] for a blank line: pyarrow would take the next line as the header
+                raise InputError(f"{stored}: the first line is blank; the header (the column names) must be line 1")
             duplicates = sorted({c for c in header if header.count(c) > 1})
             if duplicates:
                 raise InputError(f"{stored}: duplicate column name(s) in the header: {_quoted(duplicates)}")
