@@ -40,6 +40,8 @@ _QUERY_START = re.compile(r"\?[\w%.-]+=")
 # One query parameter: its value runs to the next '&name=' (a libpq keyword or any other), as a raw '&' may
 # sit inside a password. Every libpq parameter that holds a secret ends in "password" (password, sslpassword).
 _QUERY_PARAM = re.compile(r"(?:(?<=\?)|&)([^&=]+)=(.*?)(?=&[\w%.-]+=|\Z)", re.DOTALL)
+# A password parameter whose value is anything but the redaction mark: the last check of what is shown.
+_UNREDACTED_PASSWORD = re.compile(r"password\s*=\s*(?!\*\*\*(?:&|\s|$))\S", re.IGNORECASE)
 # Where libpq may cut a password into the pieces it then reads as a host, port, database or parameter.
 _PASSWORD_CUTS = re.compile(r"[/@?#&:\s]+")
 # A quoted value, or everything up to the next "key=": in a DSN that does not parse, an unquoted space
@@ -171,6 +173,8 @@ def redact_url(url: str) -> str:
     shown = _redacted_text(url)
     if params is not None and _shows_a_password(shown, params):
         shown = _rebuilt_url(params)
+    if _UNREDACTED_PASSWORD.search(shown):  # a reading neither rule foresaw: show nothing rather than a secret
+        return "<a database URL with a password, not shown>"
     return shown
 
 
@@ -239,13 +243,15 @@ def _redacted_text(url: str) -> str:
 
 
 def _secret_spans(url: str) -> list[tuple[int, int]]:
-    """Where the passwords sit in `url`'s text, in order, read as the person who wrote it meant them.
+    """Where the passwords sit in `url`'s text, in order, merged over the two ways the text can be meant.
 
     libpq and urlsplit both end the user info at the first '/' (libpq also at the first '@'), so a password
-    holding either is, to them, a host, port or path. Here the password runs from `scheme://user:` to the
-    last '@' before the query (the first `?name=` after the first '@'), and a `password=` query value runs to
-    the next `&name=` or the end. A URL with no user info but an '@' in its query is over-redacted: the
-    price of never under-redacting.
+    holding either is, to them, a host, port or path. A person may have meant either of two things, and both
+    readings are redacted (their spans merged), the price of never under-redacting:
+    - user info first: the password runs from `scheme://user:` to the last '@' before the query (the first
+      `?name=` after the first '@'), and the query follows that '@';
+    - query first: the query starts at the first `?name=`, and only an '@' before it ends a user info.
+    A `password=` query value runs to the next `&name=` or the end.
     """
     scheme = _ANY_SCHEME.match(url)
     if scheme is None:
@@ -254,17 +260,25 @@ def _secret_spans(url: str) -> list[tuple[int, int]]:
     rest = url[base:]
     spans = []
     first_at = rest.find("@")
-    query_after = _QUERY_START.search(rest, first_at + 1) if first_at >= 0 else None
-    last_at = rest.rfind("@", 0, query_after.start() if query_after else len(rest))
-    colon = rest.find(":", 0, last_at) if last_at >= 0 else -1
-    if 0 <= colon < last_at - 1:
-        spans.append((base + colon + 1, base + last_at))
-    query = rest.find("?", last_at + 1)
-    if query >= 0:
-        for m in _QUERY_PARAM.finditer(rest, query + 1):
-            if unquote(m.group(1)).lower().endswith("password") and m.group(2):
-                spans.append((base + m.start(2), base + m.end(2)))
-    return spans
+    after_user = _QUERY_START.search(rest, first_at + 1) if first_at >= 0 else None
+    first_query = _QUERY_START.search(rest)
+    for query_start in (after_user.start() if after_user else len(rest), first_query.start() if first_query else len(rest)):
+        last_at = rest.rfind("@", 0, query_start)
+        colon = rest.find(":", 0, last_at) if last_at >= 0 else -1
+        if 0 <= colon < last_at - 1:
+            spans.append((colon + 1, last_at))
+        query = rest.find("?", last_at + 1) if query_start == len(rest) else query_start
+        if query >= 0:
+            for m in _QUERY_PARAM.finditer(rest, query + 1):
+                if unquote(m.group(1)).lower().endswith("password") and m.group(2):
+                    spans.append(m.span(2))
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(base + start, base + end) for start, end in merged]
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:

@@ -161,7 +161,17 @@ def build_training_examples(
     examples = pl.concat(parts)
     held = examples.get_column(SPLIT) == VALIDATION
     test = held & in_test_half(examples.get_column(CUSTOMER_ID))
-    return examples.with_columns(pl.when(test).then(pl.lit(TEST)).otherwise(pl.col(SPLIT)).alias(SPLIT))
+    examples = examples.with_columns(pl.when(test).then(pl.lit(TEST)).otherwise(pl.col(SPLIT)).alias(SPLIT))
+    positives = examples.filter(pl.col(LABEL) == 1.0)
+    for half, use in ((VALIDATION, "early stopping and the AUC floor"), (TEST, "the evaluation")):
+        if positives.filter(pl.col(SPLIT) == half).is_empty():
+            customers = valid_pos.get_column(CUSTOMER_ID).n_unique()
+            raise ValueError(
+                f"the {customers} customer(s) with new purchases in the {config.validation_days} validation days "
+                f"before {feed_date} all fall in one half of the holdout, and {use} needs the '{half}' half too "
+                "(customers are split by a hash of their id); lengthen validation_days"
+            )
+    return examples
 
 
 def attach_features(examples: pl.DataFrame, encoded_customers: pl.DataFrame, encoded_products: pl.DataFrame) -> pl.DataFrame:

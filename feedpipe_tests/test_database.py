@@ -183,3 +183,17 @@ def test_an_at_sign_in_the_query_does_not_end_the_user_info():
     assert redact_url("postgresql://u:pw@h/db?host=/tmp/a@b&password=x&y") == (
         "postgresql://u:***@h/db?host=/tmp/a@b&password=***"
     )
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://db:5432/feed?user=app&password=Sx9q@Kr7EtTail",  # no user info; an '@' inside the password
+    "postgresql://[::1]:5432/db?password=Sx9q@Kr7EtTail",
+    "postgresql://127.0.0.1:1/feed?user=me@corp&password=Sx9qKr7EtTail&connect_timout=3",  # libpq refuses it
+])
+def test_an_at_sign_before_or_inside_a_query_password_never_shows_it(url):
+    shown = redact_url(url)
+    assert "Sx9q" not in shown and "Kr7Et" not in shown and "Tail" not in shown, shown
+    with pytest.raises(DatabaseError) as caught:
+        connect(url, connect_timeout=2)
+    rendered = f"{caught.value!s} {caught.value!r} {caught.value.url}"
+    assert "Sx9q" not in rendered and "Kr7Et" not in rendered and "Tail" not in rendered, rendered

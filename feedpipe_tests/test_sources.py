@@ -460,3 +460,18 @@ def test_a_data_line_that_is_not_utf8_does_not_make_the_header_unreadable(tmp_pa
 
     with pytest.raises(InputError, match=r"(?s)column 'brand': 1 row\(s\) are not valid UTF-8.*line 3: 'caf\\\\xe9'"):
         read_products(tmp_path)
+
+
+def test_finding_an_unclosed_quote_takes_memory_that_does_not_grow_with_the_quoted_value(tmp_path):
+    """One quoted value of 20 MB, never closed: the scan's regex held per-character state (2.4 GB) before."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.csv"
+    path.write_bytes(b'a,b\n1,"' + b"x" * 20_000_000 + b"\n2,3")
+    child = ("import resource, sys; from pathlib import Path; from feedpipe.table_files import _ends_inside_quotes; "
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+             f"assert _ends_inside_quotes(Path({str(path)!r})); "
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    grown_kb = int(subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True).stdout)
+    assert grown_kb < 200_000, grown_kb  # the file is mapped, not copied: well under 10x its size

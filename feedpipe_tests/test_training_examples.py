@@ -29,6 +29,8 @@ TX = _tx(
     ]
 )
 PRODUCTS = pl.Series("product_id", [f"p{i}" for i in range(1, 40)])
+# TX's held-out customers c1 and c2 both hash to the test half; c4 brings the validation half a customer.
+TX_BOTH_HALVES = TX.vstack(_tx([("c4", "p7", datetime(2026, 3, 5)), ("c4", "p8", datetime(2026, 3, 27))]))
 
 
 def test_window_ends_at_the_feed_dates_midnight_and_holds_out_the_last_days():
@@ -43,13 +45,13 @@ def test_validation_positives_are_pairs_first_bought_in_the_holdout():
 
 
 def test_negatives_come_at_the_ratio_and_never_name_a_bought_product():
-    ex = build_training_examples(TX, PRODUCTS, FEED_DATE, ExampleConfig(negatives_per_positive=5))
+    ex = build_training_examples(TX_BOTH_HALVES, PRODUCTS, FEED_DATE, ExampleConfig(negatives_per_positive=5))
     pos = ex.filter(pl.col("label") == 1.0)
     neg = ex.filter(pl.col("label") == 0.0)
-    assert pos.height == 4
-    assert neg.height == pytest.approx(20, abs=1)  # a collision left after one redraw may drop
+    assert pos.height == 6
+    assert neg.height == pytest.approx(30, abs=1)  # a collision left after one redraw may drop
     window = Window.for_feed_date(FEED_DATE, ExampleConfig())
-    in_window = TX.filter((pl.col("ts") >= window.start) & (pl.col("ts") < window.end))
+    in_window = TX_BOTH_HALVES.filter((pl.col("ts") >= window.start) & (pl.col("ts") < window.end))
     bought_before_holdout = in_window.filter(pl.col("ts") < window.holdout).select("customer_id", "product_id").unique()
     bought_in_window = in_window.select("customer_id", "product_id").unique()
     train_neg, valid_neg = neg.filter(pl.col("split") == "train"), neg.filter(pl.col("split") != "train")
@@ -74,9 +76,9 @@ def test_the_held_out_days_never_shape_the_training_split():
 
 
 def test_examples_are_deterministic_for_a_seed_and_change_with_it():
-    a = build_training_examples(TX, PRODUCTS, FEED_DATE, ExampleConfig(seed=1))
-    b = build_training_examples(TX, PRODUCTS, FEED_DATE, ExampleConfig(seed=1))
-    c = build_training_examples(TX, PRODUCTS, FEED_DATE, ExampleConfig(seed=2))
+    a = build_training_examples(TX_BOTH_HALVES, PRODUCTS, FEED_DATE, ExampleConfig(seed=1))
+    b = build_training_examples(TX_BOTH_HALVES, PRODUCTS, FEED_DATE, ExampleConfig(seed=1))
+    c = build_training_examples(TX_BOTH_HALVES, PRODUCTS, FEED_DATE, ExampleConfig(seed=2))
     assert a.equals(b) and not a.equals(c)
 
 
@@ -123,3 +125,13 @@ def test_held_out_customers_are_split_into_validation_and_test_halves_that_stay_
     # A customer's half is its id's, whatever else is in the data (so it keeps it night after night).
     fewer = build_training_examples(many.filter(pl.col("customer_id") != "c0"), PRODUCTS, FEED_DATE, ExampleConfig())
     assert set(fewer.filter(pl.col("split") == "test").get_column("customer_id")) == by_split["test"] - {"c0"}
+
+
+def test_a_holdout_whose_customers_all_fall_in_one_half_is_an_error_naming_the_setting():
+    from feedpipe.training_examples import in_test_half
+
+    ids = [f"c{i}" for i in range(1, 30)]
+    odd = [c for c, t in zip(ids, in_test_half(pl.Series(ids)).to_list()) if t][:2]
+    tx = _tx([(c, "p1", datetime(2026, 3, 1)) for c in odd] + [(c, "p2", datetime(2026, 3, 28)) for c in odd])
+    with pytest.raises(ValueError, match=r"all fall in one half of the holdout.*'validation'.*validation_days"):
+        build_training_examples(tx, PRODUCTS, FEED_DATE, ExampleConfig())
