@@ -112,6 +112,8 @@ def _run_config(path: str | None) -> dict:
         config = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
     except yaml.YAMLError as e:
         raise UsageError(f"--run-config {path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--run-config {path} is not UTF-8 text: {e}") from None
     if not isinstance(config, dict):
         raise UsageError(f"--run-config {path} must be a mapping (e.g. ops: {{dlrm_model: {{config: {{epochs: 3}}}}}}), "
                          f"got a {type(config).__name__}")
@@ -129,10 +131,13 @@ def _check_asset_configs(run_config: dict, path: str | None) -> None:
 
     from feedpipe.definitions import defs
 
-    ops = run_config.get("ops") or {}
+    ops = run_config.get("ops") if isinstance(run_config, dict) else None
+    if not isinstance(ops, dict):
+        return  # Dagster's own check names what is not a mapping
     problems = []
     for node in defs.resolve_job_def("nightly_feed").graph.node_defs:
-        config_class, given = _config_class(node), (ops.get(node.name) or {}).get("config")
+        op = ops.get(node.name)
+        config_class, given = _config_class(node), op.get("config") if isinstance(op, dict) else None
         if config_class is None or not isinstance(given, dict):
             continue  # Dagster's own check names what is missing or not a mapping
         try:
@@ -354,6 +359,15 @@ def cmd_db_stop(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    # The schedule and the launchpad's runs read the inputs from FEEDPIPE_DATA_DIR, as `feedpipe run` sets it.
+    if args.data or not os.environ.get("FEEDPIPE_DATA_DIR"):
+        data_dir = Path(args.data).resolve() if args.data else _demo_directory(utc_today())
+        if not data_dir.is_dir():
+            raise UsageError(f"data directory {data_dir} {'is not a directory' if data_dir.exists() else 'does not exist'}")
+        os.environ["FEEDPIPE_DATA_DIR"] = str(data_dir)
+        if (data_dir / DATA_DIR_CONFIG).exists():
+            os.environ.setdefault("FEEDPIPE_INPUT_CONFIG", str((data_dir / DATA_DIR_CONFIG).resolve()))
+    print(f"feedpipe ui: inputs from {os.environ['FEEDPIPE_DATA_DIR']}")
     prepare_environment()
     dagster = shutil.which("dagster") or str(Path(sys.executable).parent / "dagster")
     workspace = PROJECT_ROOT / "workspace.yaml"
@@ -445,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="start the Dagster UI on the same instance")
     ui.add_argument("--port", type=int, default=3000)
     ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--data", help="input directory of the UI's runs (default: $FEEDPIPE_DATA_DIR, else the demo "
+                                   "data, generated to end yesterday)")
     ui.set_defaults(func=cmd_ui)
     return p
 
@@ -465,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"feedpipe: the database refused ({type(e).__name__}): {redact_message(first_line, url)}",
               file=sys.stderr)
         return 1
-    except UnicodeError as e:  # an argument that is not UTF-8 (a shell passing Latin-1 bytes, say)
+    except UnicodeEncodeError as e:  # an argument that is not UTF-8 (a shell passing Latin-1 bytes), sent on
         print(f"feedpipe: an argument is not valid UTF-8 text: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the user gave: exists already, not a directory, no permission

@@ -153,8 +153,11 @@ def sqlalchemy_psycopg2_url(url: str) -> str:
     except (psycopg.Error, TypeError, ValueError):
         raise DatabaseError(f"the database URL {redact_url(url)} does not parse (special characters in a password "
                             "must be percent-encoded, e.g. % as %25)", url) from None
-    if _URL_SCHEME.match(url) and "," not in params.get("host", ""):
+    hosts = params.get("host", "").split(",")
+    if _URL_SCHEME.match(url) and len(hosts) == 1:
         return _URL_SCHEME.sub("postgresql+psycopg2://", url, count=1)
+    if len(hosts) > 1 and "," not in params.get("port", ","):  # libpq: one port for every host; SQLAlchemy: one each
+        params["port"] = ",".join([params.get("port", str(_DEFAULT_PORT))] * len(hosts))
     return "postgresql+psycopg2:///?" + urlencode(params)
 
 

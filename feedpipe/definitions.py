@@ -1,4 +1,5 @@
-"""Dagster entry point: `dagster dev -m feedpipe.definitions` or workspace.yaml."""
+"""Dagster entry point (workspace.yaml): `feedpipe ui` starts the UI on it with the instance's storage and inputs
+set; a bare `dagster dev` needs FEEDPIPE_DAGSTER_STORAGE_URL and FEEDPIPE_DATA_DIR set first (see dagster.yaml)."""
 
 import dagster as dg
 

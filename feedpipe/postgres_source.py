@@ -165,7 +165,9 @@ def _exported(c: _Column) -> sql.Composable:
     if c.cast == "float8":
         # A numeric beyond float8's range would stop the fetch ("out of range for type double precision"):
         # NaN instead, which the row checks reject (not NULL: a missing quantity means 1).
-        return sql.SQL("CASE WHEN {0} IS NULL THEN NULL WHEN abs({0}) <= 1.7976931348623157e308 THEN {0}::float8 "
+        # Also one too small for float8 (1e-400: "out of range" too): NaN, like any number that is not one.
+        return sql.SQL("CASE WHEN {0} IS NULL THEN NULL WHEN {0} = 0 THEN 0::float8 "
+                       "WHEN abs({0}) BETWEEN 2.2250738585072014e-308 AND 1.7976931348623157e308 THEN {0}::float8 "
                        "ELSE 'NaN'::float8 END").format(sql.Identifier(c.source))
     if c.cast:  # c.cast comes from _CASTS only
         return sql.SQL("{}::{}").format(sql.Identifier(c.source), sql.SQL(c.cast))

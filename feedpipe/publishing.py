@@ -307,10 +307,13 @@ def _switch_once(
             [customers, version],
         )
         return False, current[0]
-    # Both views at once, before anything a reader could wait on: from here to the commit new readers queue, and
-    # a reader that read either view in its transaction keeps the switch waiting, so its later reads still see
-    # the version it read. Taken one at a time, mid-switch, a reader holding the second would deadlock it.
-    cur.execute(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(qualified(VIEW), qualified(VERSION_VIEW)))
+    # Both views, before anything a reader could wait on: from here to the commit new readers queue, and a reader
+    # that read either view in its transaction keeps the switch waiting, so its later reads still see the version
+    # it read. The version view first, the order readers are told to read them in (docs/sql-interface.md): held
+    # while the switch waits for current_feed, it stops only readers of the version view, where current_feed
+    # first (with the served table under it) stopped every feed read for the whole wait. A reader that reads them
+    # the other way round can deadlock the switch, which the server breaks and the switch retries.
+    cur.execute(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(qualified(VERSION_VIEW), qualified(VIEW)))
     cur.execute(sql.SQL("UPDATE {} SET status = 'retired' WHERE status = 'current'").format(qualified(VERSIONS_TABLE)))
     cur.execute(
         sql.SQL("UPDATE {} SET status = 'current', published_at = now(), customers = %s WHERE version = %s").format(

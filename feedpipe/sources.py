@@ -45,7 +45,8 @@ from feedpipe.quarantine import (
     INTERNAL_COLUMNS, REASON, ROW, STRICT, Rejection, RejectionPolicy, TableLoad, enforce_policy,
 )
 from feedpipe.table_files import (
-    MAX_ROWS_SHOWN, RawTable, StoredTable, check_required_columns, find_table_file, iter_columns, read_columns,
+    MAX_ROWS_SHOWN, RawTable, StoredTable, check_required_columns, check_reserved_columns, find_table_file, iter_columns,
+    read_columns,
     read_schema,
 )
 
@@ -189,6 +190,7 @@ def _load_attribute_table(stored: StoredTable, config: InputConfig, policy: Reje
     section = config.table(table)
     id_column = contract.ID_COLUMN[table]
     attributes = [c for c in schema if c != id_column and c not in section.exclude]
+    check_reserved_columns(stored, attributes)  # only what is read: an excluded or unread one is never overwritten
     raw = _read_rows(stored, schema, [id_column, *attributes])
     frame = raw.frame
 

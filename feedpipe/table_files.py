@@ -135,11 +135,15 @@ def read_schema(stored: StoredTable) -> pl.Schema:
         raise InputError(f"{stored}: cannot read the file ({_expected_format(stored)}): {exc}") from exc
 
 
-def check_required_columns(stored: StoredTable, schema: pl.Schema) -> None:
-    reserved = [c for c in schema if c in contract.BOOKKEEPING_COLUMNS]
-    if reserved:  # the rejected rows' own columns would overwrite them: the values would vanish unannounced
+def check_reserved_columns(stored: StoredTable, columns: list[str]) -> None:
+    """Refuse read columns named like the rejected rows' own (their values would be overwritten unannounced)."""
+    reserved = [c for c in columns if c in contract.BOOKKEEPING_COLUMNS]
+    if reserved:
         raise InputError(f"{stored}: column name(s) {_quoted(reserved)} are reserved for feedpipe's record of "
-                         "rejected rows; rename the column(s)")
+                         "rejected rows; rename the column(s) or exclude them in the input config")
+
+
+def check_required_columns(stored: StoredTable, schema: pl.Schema) -> None:
     missing = [c for c in contract.REQUIRED_COLUMNS[stored.table] if c not in schema]
     if not missing:
         return

@@ -238,3 +238,18 @@ def test_the_oracle_reads_truth_only_beside_file_inputs(tmp_path, monkeypatch):
     assert DataResource(data_dir=str(tmp_path)).truth_path() == tmp_path / "truth.parquet"
     monkeypatch.setenv("FEEDPIPE_DATA_DIR", str(tmp_path / "demo"))  # the CLI's demo folder, left in the environment
     assert DataResource(input_config=str(postgres)).truth_path() is None
+
+
+def test_scores_that_failed_their_blocking_checks_are_not_published_by_ranked_feed_run_alone(env, monkeypatch):
+    from feedpipe.defs import feed
+
+    run, _, pg_url, _ = env
+    real = feed.customers_without_scores
+    monkeypatch.setattr(feed, "customers_without_scores", lambda *a: (real(*a)[0], 1, 0))  # one customer left out
+    result = run(MODEL + ["model_evaluation", "pair_scores", "ranked_feed"], raise_on_error=False)
+    assert not result.success and not result.asset_materializations_for_node("ranked_feed")
+    assert result.asset_materializations_for_node("pair_scores")  # stored before its check failed the run
+    alone = run(["ranked_feed"], raise_on_error=False)
+    assert not alone.success
+    (failure,) = alone.get_step_failure_events()
+    assert "failed its blocking checks" in failure.step_failure_data.error.message

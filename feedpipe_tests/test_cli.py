@@ -281,3 +281,18 @@ def test_feed_prints_the_header_and_rows_of_one_version_when_a_publish_lands_bet
     out = capsys.readouterr().out
     assert "(version 1, feed date 2024-03-01, model m0)" in out and "p0-v0" in out and "-v1" not in out
     assert published["result"].served  # and the publish went through once the reads were done
+
+
+def test_a_run_config_that_is_not_utf8_or_not_a_mapping_of_mappings_is_one_line(tmp_path, capsys):
+    from feedpipe.cli import main
+
+    latin1 = tmp_path / "run.yaml"
+    latin1.write_bytes("ops: {dlrm_model: {config: {epochs: 3}}}  # caf\xe9\n".encode("latin-1"))
+    assert main(["run", "--run-config", str(latin1)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    for text in ("ops: {ranked_feed: 3}\n", "ops: [ranked_feed]\n"):
+        odd = tmp_path / "odd.yaml"
+        odd.write_text(text)
+        code = main(["run", "--run-config", str(odd)])
+        assert code == 2, text
+        assert "Traceback" not in capsys.readouterr().err

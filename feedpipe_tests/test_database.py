@@ -75,7 +75,8 @@ def test_a_keyword_dsn_and_a_multi_host_url_reach_dagsters_storage_too(pg_url):
     host, port = p.get("host", "127.0.0.1"), p.get("port", "5432")
     keyword = " ".join(f"{k}={v}" for k, v in p.items())
     # A second host that nothing listens on: libpq tries the first, which answers.
-    forms = [keyword, " ".join(f"{k}={v}" for k, v in {**p, "host": f"{host},{host}", "port": f"{port},1"}.items())]
+    forms = [keyword, " ".join(f"{k}={v}" for k, v in {**p, "host": f"{host},{host}", "port": f"{port},1"}.items()),
+             " ".join(f"{k}={v}" for k, v in {**p, "host": f"{host},{host}", "port": port}.items())]  # one port for both
     if not host.startswith("/"):  # a socket directory cannot be written in a URL's host list
         forms.append(f"postgresql://{p.get('user', 'postgres')}@{host}:{port},{host}:1/{p['dbname']}")
     for dsn in forms:

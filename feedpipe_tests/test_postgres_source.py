@@ -246,13 +246,14 @@ def test_timestamps_and_numbers_python_cannot_hold_are_rejected_rows_not_a_faile
         conn.execute("INSERT INTO sales.orders_odd SELECT cust_no, sku, timestamptz '0044-03-15 12:00+00 BC', qty "
                      "FROM sales.orders LIMIT 1")
         conn.execute("INSERT INTO sales.orders_odd SELECT cust_no, sku, ordered_at, 1e400 FROM sales.orders LIMIT 1")
+        conn.execute("INSERT INTO sales.orders_odd SELECT cust_no, sku, ordered_at, 1e-400 FROM sales.orders LIMIT 1")
     columns = {CUSTOMER_ID: "cust_no", PRODUCT_ID: "sku", TS: "ordered_at", QUANTITY: "qty"}
     tx = load_all(InputConfig(postgres=source(transactions=PostgresTableSource(
         table="orders_odd", schema="sales", columns=columns))), tmp_path).transactions
     plain = load_all(InputConfig(postgres=source()), tmp_path / "plain").transactions
-    assert tx.received == plain.received + 3
+    assert tx.received == plain.received + 4
     assert tx.counts_by_reason()["missing_ts"] == plain.counts_by_reason().get("missing_ts", 0) + 2
-    assert tx.counts_by_reason()["invalid_number"] == plain.counts_by_reason().get("invalid_number", 0) + 1
+    assert tx.counts_by_reason()["invalid_number"] == plain.counts_by_reason().get("invalid_number", 0) + 2
     assert tx.accepted.height == plain.accepted.height
 
 

@@ -129,3 +129,28 @@ def test_with_retention_1_a_backfill_that_is_not_served_keeps_its_own_table(pg_u
     assert _tables(pg_url) == {nightly.version: True, backfill.version: True}
     with connect(pg_url) as conn:  # loaded and kept: a view switch away, as the docstring promises
         assert version_rows(conn, backfill.version) == 6
+
+
+def test_a_switch_queued_behind_a_version_view_reader_does_not_stop_plain_feed_reads(pg_url):
+    """The CLI's pattern (the version view first, in a transaction) holds up the switch; meanwhile a website's
+    one-statement read of current_feed must not queue behind the switch for the whole wait."""
+    publish_feed(pg_url, grid_feed(3, 2, tag="-v0"), feed_date=DAY, model_version="m0")
+    outcome: dict = {}
+
+    def publish():
+        outcome["result"] = publish_feed(pg_url, grid_feed(3, 2, tag="-v1"), feed_date=DAY + dt.timedelta(days=1),
+                                         model_version="m1", lock_timeout_ms=3000, switch_attempts=3)
+
+    with (connect(pg_url, application_name="reader") as reader, connect(pg_url, autocommit=True) as watcher,
+          connect(pg_url, autocommit=True, application_name="website") as website):
+        reader.execute("SELECT version FROM feedpipe.current_feed_version").fetchall()
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        _wait_until_blocked(watcher)
+        t0 = time.monotonic()
+        rows = website.execute("SELECT DISTINCT model_version FROM feedpipe.current_feed").fetchall()
+        waited = time.monotonic() - t0
+        reader.commit()
+        publisher.join(30)
+    assert rows == [("m0",)] and waited < 1.0, waited
+    assert outcome["result"].served

@@ -138,6 +138,9 @@ def pair_scores(
             ranks=ranks,
             top_n=config.top_n,  # ranked_feed refuses a k above it
             model_version=dlrm_model.version,
+            # Dagster stores the scores before the blocking checks below fail the run: ranked_feed run on its own
+            # later reads these to refuse scores that failed them.
+            passed_blocking_checks=bool(null_ids == 0 and missing == 0),
         ),
     )
     yield dg.AssetCheckResult(check_name="no_null_ids", passed=null_ids == 0, metadata={"null_id_rows": null_ids})
@@ -173,6 +176,11 @@ def ranked_feed(
     if config.k < 1:
         raise dg.Failure(f"ranked_feed's k must be >= 1, got {config.k}")
     scored = scored_metadata(context.instance, context.partition_key)
+    if scored.get("passed_blocking_checks") is False:
+        raise dg.Failure(
+            f"pair_scores for {context.partition_key} is stored but failed its blocking checks (no_null_ids or "
+            "customers_with_history_have_scores): it is not published; materialize pair_scores again"
+        )
     top_n = int(scored["top_n"]) if "top_n" in scored else None
     if top_n is not None and config.k > top_n:
         raise dg.Failure(

@@ -180,6 +180,8 @@ CASES: list[Case] = [
     Case("an_attribute_named_like_the_loaders_own_row_column", "csv",  # it was overwritten without a word
          with_set("csv", customers=lambda: customers().rename({"age": "_row"})),
          Fatal("customers.csv", "_row", r"reserved for feedpipe's record of rejected rows")),
+    Case("an_unread_transactions_column_named_like_the_loaders_own", "csv",  # never read, so never overwritten
+         with_set("csv", transactions=lambda: transactions().with_columns(pl.lit("x").alias("_row"))), Accepted()),
     Case("csv_cut_inside_a_quoted_value_after_an_inch_mark", "csv",  # a quote count saw the inch mark close it
          then(with_set("csv"), lambda d: write_bytes(d, "transactions.csv", "\n".join(
              ["customer_id,product_id,note,ts,quantity", *[line.replace(",2024", ',5" pipe,2024', 1) for line in base_tx_lines()]])
