@@ -8,6 +8,7 @@ Every command that touches Dagster first calls `prepare_environment()`, which re
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -165,6 +166,19 @@ def _config_class(node):
     return annotation if isinstance(annotation, type) and issubclass(annotation, dg.Config) else None
 
 
+def _failed_checks(result) -> list[str]:
+    """One line per asset check that failed in the run, with its severity and what it says (its description)."""
+    lines = []
+    for check in result.get_asset_check_evaluations():
+        if check.passed:
+            continue
+        severity = getattr(getattr(check, "severity", None), "value", "ERROR")
+        what = getattr(check, "description", None) or ", ".join(
+            f"{k} {getattr(v, 'value', v)}" for k, v in (check.metadata or {}).items())
+        lines.append(f"  check {check.asset_key.to_user_string()}.{check.check_name} failed ({severity}): {what}")
+    return lines
+
+
 def _failure_messages(result) -> list[str]:
     out = []
     for event in result.all_events:
@@ -232,6 +246,8 @@ def cmd_run(args) -> int:
     for s in sorted(stats, key=lambda s: s.start_time or 0):
         took = (s.end_time - s.start_time) if s.end_time and s.start_time else float("nan")
         print(f"  {s.step_key:<20} {s.status.value:<8} {took:7.1f}s")
+    for line in _failed_checks(result):  # a blocking one stopped the run; the others let it publish: both said
+        print(line, file=sys.stderr)
     if not result.success:
         print(f"feedpipe run FAILED after {seconds:.1f}s (run {result.run_id}); the feed being served is unchanged:", file=sys.stderr)
         for msg in _failure_messages(result) or ["a step failed; see the run in the Dagster UI"]:
@@ -239,6 +255,17 @@ def cmd_run(args) -> int:
         return 1
     print(f"feedpipe run: done in {seconds:.1f}s (run {result.run_id})")
     return 0
+
+
+def _finite_or_null(value):
+    """`value` with every NaN or infinite float (at any depth) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _served_version(conn) -> dict | None:
@@ -313,14 +340,15 @@ def cmd_report(args) -> int:
         report["model"] = None
         report["ranking"] = None
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(_finite_or_null(report), allow_nan=False))  # NaN (no AUC for one class) is not JSON
         return 0
     print(f"feed version {report['feed_version']} for {report['feed_date']}: {report['rows']:,} rows, "
           f"{report['customers']:,} customers, model {report['model_version']}")
     if report["ranking"] is None:
         print(f"  no evaluation found for this model under {ev_dir}")
         return 0
-    print(f"  validation AUC {report['model']['auc']:.4f}, log loss {report['model']['logloss']:.4f}")
+    # On the test half: held-out customers the model was not early-stopped on (training_examples.TEST)
+    print(f"  held-out AUC {report['model']['auc']:.4f}, log loss {report['model']['logloss']:.4f}")
     k = report["ranking"]["k"]
     print(f"  {'ranker':<12} {'recall@' + str(k):>10} {'ndcg@' + str(k):>10} {'map@' + str(k):>10} {'hit@' + str(k):>10} {'coverage':>10}")
     for name, m in report["ranking"].items():

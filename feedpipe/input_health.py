@@ -12,7 +12,7 @@ from datetime import date, datetime, timedelta
 
 import polars as pl
 
-from feedpipe.contract import DENSE, TS
+from feedpipe.contract import CUSTOMER_ID, DENSE, PRODUCT_ID, TS
 from feedpipe.sources import FeatureSpec
 from feedpipe.vocabularies import Vocabularies, feature_key, oov_share
 
@@ -105,5 +105,8 @@ def vocabulary_drift(frame: pl.DataFrame, specs: list[FeatureSpec], vocabularies
         key = feature_key(spec)
         if spec.role == DENSE or key not in known or spec.name not in frame.columns:
             continue
-        drift.append(FeatureDrift(key, oov_share(frame.get_column(spec.name), vocabularies.for_feature(key), spec.role)))
+        # Ids get a row whatever their count (min count 0); other values need the vocabulary's min_count.
+        min_count = 1 if spec.name in (CUSTOMER_ID, PRODUCT_ID) else vocabularies.min_count
+        drift.append(FeatureDrift(key, oov_share(frame.get_column(spec.name), vocabularies.for_feature(key), spec.role,
+                                                 min_count)))
     return drift

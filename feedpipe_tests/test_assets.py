@@ -120,6 +120,13 @@ def test_model_evaluation_compares_every_ranker_and_gates_on_popularity(env):
     assert "data:image/png;base64," in meta["loss_curves"].value
     gate = [c for c in result.get_asset_check_evaluations() if c.check_name == "beats_popularity"]
     assert len(gate) == 1 and gate[0].passed == (ev.ranking["dlrm"]["recall"] >= ev.ranking["popularity"]["recall"])
+    # Ranked: the test half's customers with history, none of the validation half the model early-stopped on.
+    ex = load("training_examples")
+    positives = ex.filter(pl.col("label") == 1.0)
+    history = set(positives.filter(pl.col("split") == "train").get_column("customer_id"))
+    test = set(positives.filter(pl.col("split") == "test").get_column("customer_id")) & history
+    assert ev.customers == min(len(test), 3000) > 0
+    assert ev.model["auc"] != load("dlrm_model").metrics["validation_auc"]  # the test half's, not validation's
 
 
 def test_pair_scores_keep_top_n_and_exclude_past_purchases(env):

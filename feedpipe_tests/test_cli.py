@@ -296,3 +296,31 @@ def test_a_run_config_that_is_not_utf8_or_not_a_mapping_of_mappings_is_one_line(
         code = main(["run", "--run-config", str(odd)])
         assert code == 2, text
         assert "Traceback" not in capsys.readouterr().err
+
+
+def test_report_json_carries_no_nan():
+    """One class in the test half gives no AUC: JSON has null for it, not the NaN json.dumps writes by default."""
+    import json
+
+    from feedpipe.cli import _finite_or_null
+
+    report = {"model": {"auc": float("nan"), "logloss": 0.25}, "ranking": {"dlrm": {"recall": float("inf")}}, "k": [1.0]}
+    text = json.dumps(_finite_or_null(report), allow_nan=False)
+    assert json.loads(text) == {"model": {"auc": None, "logloss": 0.25}, "ranking": {"dlrm": {"recall": None}}, "k": [1.0]}
+
+
+def test_a_failed_check_that_did_not_stop_the_run_is_listed_with_what_it_says():
+    import dagster as dg
+
+    from feedpipe.cli import _failed_checks
+
+    @dg.asset(check_specs=[dg.AssetCheckSpec("freshness", asset="tx"), dg.AssetCheckSpec("volume", asset="tx")])
+    def tx():
+        yield dg.Output(1)
+        yield dg.AssetCheckResult(check_name="freshness", passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                  description="the newest transaction is 3 days old", metadata={"age_days": 3})
+        yield dg.AssetCheckResult(check_name="volume", passed=True)
+
+    result = dg.materialize([tx])
+    assert result.success
+    assert _failed_checks(result) == ["  check tx.freshness failed (ERROR): the newest transaction is 3 days old"]

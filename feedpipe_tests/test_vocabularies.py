@@ -98,6 +98,21 @@ def test_oov_share_counts_unknown_values_only():
     assert share == pytest.approx(2 / 3)
 
 
+def test_values_rarer_than_the_min_count_are_not_drift_on_unchanged_data():
+    """A vocabulary built with min_count 2 leaves single values out by design: the same data again is no drift."""
+    from feedpipe.contract import MULTI_CATEGORICAL
+
+    regions = ["a", "a", "b", "b", "c", "d"]
+    vocab = build_vocabularies({CUSTOMERS: _customers(regions)}, [REGION], min_count=2)
+    table = vocab.for_feature("customers.region")
+    assert oov_share(pl.Series("region", regions), table, CATEGORICAL, min_count=2) == 0.0
+    assert oov_share(pl.Series("region", regions), table, CATEGORICAL) == pytest.approx(2 / 6)  # as before
+    # A value frequent enough to have had a row, and none: drift.
+    assert oov_share(pl.Series("region", [*regions, "e", "e"]), table, CATEGORICAL, min_count=2) == pytest.approx(2 / 8)
+    tags = pl.Series("tags", [["a", "c"], ["e", "e"], None])
+    assert oov_share(tags, table, MULTI_CATEGORICAL, min_count=2) == pytest.approx(2 / 4)
+
+
 @pytest.mark.parametrize("regions, min_count", [(["a", "b", "c"], 2), ([None, None, None], 1)])
 def test_a_feature_left_with_no_value_still_has_a_size(regions, min_count):
     """All values rarer than min_count (a zip code), or all null: the model still needs its (reserved-rows) table."""
