@@ -145,8 +145,25 @@ def _check_asset_configs(run_config: dict, path: str | None) -> None:
             config_class(**given)
         except pydantic.ValidationError as e:
             problems += [f"  {node.name}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+    problems += _cross_asset_problems(ops)
     if problems:
         raise UsageError(f"--run-config {path} does not fit the job's config:\n" + "\n".join(problems))
+
+
+def _cross_asset_problems(ops: dict) -> list[str]:
+    """Bounds between two assets' configs, which neither class can check alone."""
+    from feedpipe.defs.feed import FeedConfig, ScoringConfig
+
+    def given(asset: str) -> dict:
+        op = ops.get(asset)
+        config = op.get("config") if isinstance(op, dict) else None
+        return config if isinstance(config, dict) else {}
+
+    k = given("ranked_feed").get("k", FeedConfig.model_fields["k"].default)
+    top_n = given("pair_scores").get("top_n", ScoringConfig.model_fields["top_n"].default)
+    if isinstance(k, int) and isinstance(top_n, int) and k > top_n:
+        return [f"  ranked_feed.k: {k} is more than pair_scores.top_n ({top_n}): the feed would be cut at {top_n}"]
+    return []
 
 
 def _config_class(node):

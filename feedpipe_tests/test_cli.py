@@ -324,3 +324,21 @@ def test_a_failed_check_that_did_not_stop_the_run_is_listed_with_what_it_says():
     result = dg.materialize([tx])
     assert result.success
     assert _failed_checks(result) == ["  check tx.freshness failed (ERROR): the newest transaction is 3 days old"]
+
+
+@pytest.mark.parametrize("ops, named", [
+    ({"pair_scores": {"config": {"dtype": "fp16"}}}, "pair_scores.dtype"),
+    ({"pair_scores": {"config": {"top_n": 0}}}, "pair_scores.top_n"),
+    ({"ranked_feed": {"config": {"k": 200}}}, "ranked_feed.k: 200 is more than pair_scores.top_n (100)"),
+    ({"model_evaluation": {"config": {"k": 0}}}, "model_evaluation.k"),
+])
+def test_config_mistakes_of_late_steps_are_refused_before_any_work(tmp_path, capsys, ops, named):
+    import yaml
+
+    from feedpipe.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"ops": ops}))
+    assert main(["run", "--run-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "generating demo data" not in err

@@ -17,20 +17,14 @@ from feedpipe.training import TrainedModel
 
 
 class EvaluationConfig(dg.Config):
-    k: int = Field(default=20, description="Ranking cut-off for recall/NDCG/MAP/hit rate (the feed length).")
-    max_customers: int = Field(default=3000, description="Evaluated customers (a deterministic sample above this).")
+    k: int = Field(default=20, ge=1, description="Ranking cut-off for recall/NDCG/MAP/hit rate (the feed length).")
+    max_customers: int = Field(default=3000, ge=1, description="Evaluated customers (a deterministic sample above this).")
     lightgbm: bool = Field(default=True, description="Train and rank with the LightGBM baseline.")
     min_margin_over_popularity: float = Field(
         default=0.0, description="Blocking gate: DLRM recall@K must exceed popularity's by more than this "
         "(at the default 0 a tie fails: a model that only matches popularity is not worth publishing)."
     )
 
-    def checked(self) -> "EvaluationConfig":
-        """This config, or a Failure naming the setting that cannot evaluate anything."""
-        for name in ("k", "max_customers"):
-            if getattr(self, name) < 1:
-                raise dg.Failure(f"model_evaluation's {name} must be >= 1, got {getattr(self, name)}")
-        return self
 
 
 @dg.asset(
@@ -56,7 +50,6 @@ def model_evaluation(
     products: pl.DataFrame,
 ):
     """recall, NDCG, MAP, hit rate @K and coverage for every ranker on the held-out days; AUC and log loss."""
-    config = config.checked()
     truth_path = data.truth_path()
     truth = pl.read_parquet(truth_path) if truth_path is not None and truth_path.exists() else None
     ev = evaluate_rankers(

@@ -4,7 +4,7 @@
 import dagster as dg
 import polars as pl
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
 from feedpipe.defs.ingest import feed_date_of
@@ -22,7 +22,8 @@ from feedpipe.training_examples import Window, purchased_pairs, window_transacti
 
 
 class ScoringConfig(dg.Config):
-    top_n: int = Field(default=100, description="Products kept per customer in pair_scores.")
+    # Bounds here rather than checks in the body: `feedpipe run` validates every asset's config before any step.
+    top_n: int = Field(default=100, ge=1, description="Products kept per customer in pair_scores.")
     exclude_purchased: bool = Field(default=True, description="Drop products the customer bought in the window.")
     exclude_window_days: int = Field(default=90, description="How far back a purchase excludes a product from the feed.")
     dtype: str = Field(
@@ -32,9 +33,15 @@ class ScoringConfig(dg.Config):
         "on a CPU with AMX).",
     )
 
+    @field_validator("dtype")
+    @classmethod
+    def _known_precision(cls, value: str) -> str:
+        precision(value)  # ValueError naming the choices
+        return value
+
 
 class FeedConfig(dg.Config):
-    k: int = Field(default=20, description="Feed length per customer.")
+    k: int = Field(default=20, ge=1, description="Feed length per customer (at most pair_scores' top_n).")
     # A bound here, not a check in the body: `feedpipe run` validates every asset's config before any step runs.
     retention: int = Field(default=3, ge=1, description="Feed versions kept in Postgres (the current one included); "
                            "at least 1.")
@@ -76,8 +83,6 @@ def pair_scores(
 
     In process it scores on the compute resource's device (a GPU when there is one, under `auto`).
     """
-    if config.top_n < 1:
-        raise dg.Failure(f"pair_scores' top_n must be >= 1, got {config.top_n}")
     # Dagster stores a model before its blocking checks fail the run: one that failed either stays unscored.
     failed = gate_failure(artifacts.path("evaluations", dlrm_model.version))
     if dlrm_model.metrics.get("passed_validation_auc_floor") is False:
@@ -173,8 +178,6 @@ def ranked_feed(
     dlrm_model: TrainedModel,
 ) -> dg.MaterializeResult:
     """Top K per customer, COPY'd into a new versioned table and switched into `feedpipe.current_feed` atomically."""
-    if config.k < 1:
-        raise dg.Failure(f"ranked_feed's k must be >= 1, got {config.k}")
     scored = scored_metadata(context.instance, context.partition_key)
     if scored.get("passed_blocking_checks") is False:
         raise dg.Failure(
