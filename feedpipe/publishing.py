@@ -309,10 +309,13 @@ def _switch_once(
         return False, current[0]
     # Both views, before anything a reader could wait on: from here to the commit new readers queue, and a reader
     # that read either view in its transaction keeps the switch waiting, so its later reads still see the version
-    # it read. The version view first, the order readers are told to read them in (docs/sql-interface.md): held
-    # while the switch waits for current_feed, it stops only readers of the version view, where current_feed
-    # first (with the served table under it) stopped every feed read for the whole wait. A reader that reads them
-    # the other way round can deadlock the switch, which the server breaks and the switch retries.
+    # it read. The version view first, the order docs/sql-interface.md asks of several-statement readers (and
+    # `feedpipe feed` keeps): while such a reader holds it, the switch waits without holding current_feed, so the
+    # website's one-statement feed reads go on (current_feed first had them queue for the whole wait). While a
+    # reader holds current_feed instead, new readers of both views queue behind the waiting switch either way
+    # (PostgreSQL queues them behind a waiting exclusive request; locking a view also locks feed_versions under it).
+    # A reader that reads current_feed and then the version view can deadlock the switch: the server breaks it
+    # and the switch retries.
     cur.execute(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(qualified(VERSION_VIEW), qualified(VIEW)))
     cur.execute(sql.SQL("UPDATE {} SET status = 'retired' WHERE status = 'current'").format(qualified(VERSIONS_TABLE)))
     cur.execute(
