@@ -410,8 +410,8 @@ def cmd_ui(args) -> int:
         if not data_dir.is_dir():
             raise UsageError(f"data directory {data_dir} {'is not a directory' if data_dir.exists() else 'does not exist'}")
         os.environ["FEEDPIPE_DATA_DIR"] = str(data_dir)
-        if (data_dir / DATA_DIR_CONFIG).exists():
-            os.environ.setdefault("FEEDPIPE_INPUT_CONFIG", str((data_dir / DATA_DIR_CONFIG).resolve()))
+        if (data_dir / DATA_DIR_CONFIG).exists():  # the directory's own, as `feedpipe run` takes it
+            os.environ["FEEDPIPE_INPUT_CONFIG"] = str((data_dir / DATA_DIR_CONFIG).resolve())
     print(f"feedpipe ui: inputs from {os.environ['FEEDPIPE_DATA_DIR']}")
     prepare_environment()
     dagster = shutil.which("dagster") or str(Path(sys.executable).parent / "dagster")
