@@ -12,7 +12,10 @@ loader may switch between the two forms freely; the equivalence is pinned by tes
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -115,6 +118,7 @@ class LoadSpooler:
         self._close()
         for path in (self.accepted_path, self.rejected_path):
             self._partial(path).replace(path)
+            _remove_stale_partials(path)
         first = self._first
         return SpooledLoad(
             first.table, first.source, first.row_label, self._received, self.accepted_path, self.rejected_path,
@@ -132,7 +136,7 @@ class LoadSpooler:
         if table.num_rows:
             writer.write_table(table)
 
-    def _partial(self, path: Path) -> Path:
+    def _partial(self, path: Path) -> Path:  # see _remove_stale_partials
         return path.with_name(f"{path.name}.{self._unique}.partial")
 
     def _close(self) -> None:
@@ -142,3 +146,20 @@ class LoadSpooler:
 
 
 
+
+
+# A load killed mid-write leaves its own partial file behind (each load's name is its own, so no later load
+# overwrites it). One not written to for this long is no live load's: a live one writes a chunk every few seconds.
+STALE_PARTIAL_S = 6 * 3600
+
+
+def _remove_stale_partials(path: Path, now: float | None = None) -> list[Path]:
+    """Remove `path`'s partial files (`<name>.<pid>-<id>.partial`) untouched for STALE_PARTIAL_S; returns them."""
+    now = time.time() if now is None else now
+    removed = []
+    for partial in path.parent.glob(f"{glob.escape(path.name)}.*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - partial.stat().st_mtime > STALE_PARTIAL_S:
+                partial.unlink()
+                removed.append(partial)
+    return removed

@@ -164,3 +164,20 @@ def test_two_loads_of_one_partition_at_once_both_finish(tmp_path):
     assert all(not isinstance(r, Exception) for r in results), results
     assert pl.read_parquet(tmp_path / "rejected.parquet").height == results[0].rejected_rows
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_killed_loads_partial_file_is_removed_by_a_later_load_once_stale(tmp_path):
+    import os
+    import time
+
+    from feedpipe.spooled_load import STALE_PARTIAL_S
+
+    rejected = tmp_path / "rejected.parquet"
+    stale, live = tmp_path / "rejected.parquet.111-aaaa.partial", tmp_path / "rejected.parquet.222-bbbb.partial"
+    for f in (stale, live):
+        f.write_bytes(b"x")
+    old = time.time() - STALE_PARTIAL_S - 60
+    os.utime(stale, (old, old))
+    stream_transactions(write_parquet(tmp_path, messy_transactions()), REFERENCES, tmp_path / "a.parquet", rejected,
+                        feed_date=FEED_DATE, chunk_rows=5)
+    assert not stale.exists() and live.exists()  # a recent one may be another load's, still writing
