@@ -19,6 +19,7 @@ which returns a plain `TwoSidedDLRM`: the checkpoint is the one-process `Trained
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -28,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torchmetrics.functional.classification import binary_auroc
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
@@ -41,8 +41,17 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from feedpipe.model import ModelShape, TwoSidedDLRM
 from feedpipe.process_group import RankGroup
 from feedpipe.sources import FeatureSpec
-from feedpipe.training import ExampleTensors, TrainConfig, forward_examples, over_arch_dtype, split_examples
+from feedpipe.training import (
+    ExampleTensors, TrainConfig, forward_examples, loss_and_auc, over_arch_dtype, split_examples,
+)
 from feedpipe.training_examples import SPLIT, TRAIN, VALIDATION
+
+_LOG = logging.getLogger(__name__)
+# Measured (session 8, fbgemm-gpu-cpu 1.8.0): the fused CPU kernel left every table bit-identical with decay 0 and
+# 0.5, weight_decay_mode L2 set or not. Said at build, so a CPU torchrun run knows it trains without the decay.
+TABLE_DECAY_ON_CPU = ("embedding_weight_decay {} is passed to TorchRec's fused row-wise Adagrad, whose CPU kernel in "
+                      "this FBGEMM build applies no weight decay to the tables (measured): sharded CPU training runs "
+                      "without it, where one process applies it")
 
 # Model parallelism for every table by default, as the DLRM paper does at scale. "data_parallel"
 # (a replica per rank) is what the planner picks for tiny tables when allowed; it is correct too
@@ -102,7 +111,7 @@ class ShardedTraining:
         model.triu_rows, model.triu_cols = model.triu_rows.to(device), model.triu_cols.to(device)
         model.triu_flat, model.pair_scatter = model.triu_flat.to(device), model.pair_scatter.to(device)
         tables = [ebc for ebc in (model.customer_ebc, model.product_ebc) if ebc is not None]
-        table_optimizer, table_kwargs = self._table_optimizer(config)
+        table_optimizer, table_kwargs = self._table_optimizer(config, device)
         for ebc in tables:
             _apply_optimizer_in_backward(table_optimizer, ebc.parameters(), table_kwargs)
         sharders = [EmbeddingBagCollectionSharder()]
@@ -135,10 +144,17 @@ class ShardedTraining:
         # The tables' optimizer steps inside backward; dmp.fused_optimizer.step() would be a no-op.
         return dmp, [KeyedOptimizerWrapper(dense, make)]
 
-    def _table_optimizer(self, config: TrainConfig):
+    def _table_optimizer(self, config: TrainConfig, device: torch.device | None = None):
         if config.optimizer == "adam":
             # eps: RowWiseAdagrad's own default, where the fused kernel's would be 1e-8.
             kwargs = {"lr": config.embedding_learning_rate, "weight_decay": config.embedding_weight_decay, "eps": 1e-10}
+            if config.embedding_weight_decay:
+                # The fused kernel's weight_decay_mode defaults to none: without it the decay is dropped silently.
+                from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+                kwargs["weight_decay_mode"] = WeightDecayMode.L2
+                if device is not None and device.type == "cpu":
+                    _LOG.warning(TABLE_DECAY_ON_CPU.format(config.embedding_weight_decay))
             return RowWiseAdagrad, kwargs
         if config.optimizer == "sgd":
             # No rescaling: a table's gradient comes out as the gradient of the mean over all ranks'
@@ -186,9 +202,7 @@ class ShardedTraining:
         logits = torch.cat([forward_examples(model, data, chunk) for chunk in rows.tensor_split(n_batches)])
         logits = self.group.all_gather_rows(logits.float())
         labels = self.group.all_gather_rows(data.labels.float())
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
-        auc = binary_auroc(torch.sigmoid(logits), labels.long()).item()
-        return loss, auc
+        return loss_and_auc(logits, labels)
 
     def sum(self, *values: float) -> tuple[float, ...]:
         return self.group.sum(*values)

@@ -240,12 +240,16 @@ def evaluate_examples(model: TwoSidedDLRM, data: ExampleTensors, batch_size: int
     model.eval()
     batches = _batches(data.num_rows, batch_size, None, data.labels.device)
     logits = torch.cat([forward_examples(model, data, rows) for rows in batches])
-    labels = data.labels.to(logits.device)
+    return loss_and_auc(logits, data.labels.to(logits.device))
+
+
+def loss_and_auc(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(log loss, AUC) of logits against 0/1 labels; AUC NaN for one class (torchmetrics would say 0.0, which
+    reads as a bad model). One place for one process and for the ranks' gathered validation."""
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
     if labels.numel() == 0 or bool((labels == labels[0]).all()):
-        return loss, math.nan  # one class: AUC is undefined (torchmetrics would say 0.0, which reads as a bad model)
-    auc = binary_auroc(torch.sigmoid(logits), labels.long()).item()
-    return loss, auc
+        return loss, math.nan
+    return loss, binary_auroc(torch.sigmoid(logits), labels.long()).item()
 
 
 SIDES = (CUSTOMERS, PRODUCTS)  # ExampleTensors' attributes and FlatExamples' keys

@@ -81,3 +81,19 @@ def test_the_two_rank_checkpoint_loads_in_one_process_with_the_best_epochs_weigh
     # The ranks computed these from gathered logits of the sharded model at the best epoch.
     assert auc == pytest.approx(summary["validation_auc"], abs=1e-4)
     assert loss == pytest.approx(summary["validation_logloss"], abs=1e-4)
+
+
+def test_the_tables_decay_reaches_the_fused_kernel_and_a_cpu_run_is_told_it_is_not_applied(caplog):
+    """TorchRec's fused kernel ignores weight_decay unless weight_decay_mode is set; its CPU kernel ignores both."""
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+    from feedpipe.sharded_training import ShardedTraining
+    from feedpipe.training import TrainConfig
+
+    with caplog.at_level("WARNING", logger="feedpipe.sharded_training"):
+        _, kwargs = ShardedTraining._table_optimizer(None, TrainConfig(embedding_weight_decay=3e-4), torch.device("cpu"))
+    assert kwargs["weight_decay"] == 3e-4 and kwargs["weight_decay_mode"] == WeightDecayMode.L2
+    assert "applies no weight decay" in caplog.text
+    caplog.clear()
+    _, kwargs = ShardedTraining._table_optimizer(None, TrainConfig(embedding_weight_decay=0.0), torch.device("cpu"))
+    assert "weight_decay_mode" not in kwargs and not caplog.text

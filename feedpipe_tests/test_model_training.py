@@ -315,3 +315,15 @@ def test_validation_auc_of_one_class_is_undefined_not_zero(data):
     positives = ExampleTensors(valid.customers, valid.products, torch.ones_like(valid.labels))
     loss, auc = evaluate_examples(model, positives)
     assert math.isfinite(loss) and math.isnan(auc)
+
+
+def test_loss_and_auc_is_nan_for_one_class_wherever_validation_is_gathered():
+    """One place for one process and for torchrun ranks: the ranks' AUC said 0.0 (a 'bad model') for one class."""
+    import math
+
+    from feedpipe.training import loss_and_auc
+
+    logits = torch.tensor([0.3, -1.2, 2.0])
+    loss, auc = loss_and_auc(logits, torch.zeros(3))
+    assert math.isnan(auc) and loss > 0
+    assert loss_and_auc(logits, torch.tensor([0.0, 0.0, 1.0]))[1] == 1.0
