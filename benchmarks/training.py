@@ -87,6 +87,7 @@ def demo_examples(customers: int, products: int, rows: int):
         encode_table(pr, PRODUCT_ID, vocab.product_specs, vocab),
     )
     ex = ex.sample(fraction=1.0, shuffle=True, seed=0)
+    shutil.rmtree(tmp, ignore_errors=True)  # everything needed is in memory now
     return ex.filter(pl.col("split") == "train").head(rows), ex.filter(pl.col("split") == "validation").head(20_000), vocab
 
 
