@@ -203,21 +203,6 @@ def reference_in_own_process(directory: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _round(args, train, valid, shape, config, fp32, auto_is_fp32, handoff, train_df, vocab,
-           ours, ours_fp32, ref, ref_same, ref_here, building, child_info) -> None:
-    """One round: feedpipe's loop (and its fp32 variant), then the reference in its own process and in this one."""
-    ours.append(train_dlrm(train, valid, shape, config, device=args.device).samples_per_s)
-    ours_fp32.append(ours[-1] if auto_is_fp32 else train_dlrm(train, valid, shape, fp32, device=args.device).samples_per_s)
-    child = reference_in_own_process(handoff)
-    ref.append(child["rate"])
-    building.append(child["share"])
-    if args.device == "cpu":
-        ref_same.append(child["rate_same"])
-        # The same loop in this process, under feedpipe's OMP_WAIT_POLICY=PASSIVE: what sessions 1-7 compared with.
-        ref_here.append(reference_loop(train_df, vocab, config)[0])
-    child_info.update(threads=child["threads"], omp_wait_policy=child["omp_wait_policy"])
-
-
 def main() -> None:
     if REFERENCE_CHILD in sys.argv:
         reference_child(sys.argv[sys.argv.index(REFERENCE_CHILD) + 1])
@@ -248,17 +233,25 @@ def main() -> None:
     (handoff / "vocab.pickle").write_bytes(pickle.dumps(vocab))
     (handoff / "config.pickle").write_bytes(pickle.dumps(config))
     (handoff / "device").write_text(args.device)
-    ours_fp32, ref_here, child_info = [], [], {}
+    ours_fp32, ref_here = [], []
     fp32 = replace(config, precision="fp32")
     # Where `auto` already means fp32 (no native bf16), the fp32 loop is the same loop: not run twice.
     auto_is_fp32 = over_arch_dtype(config, torch.device(args.device)) is None
     try:
         for _ in range(args.repeats):
-            _round(args, train, valid, shape, config, fp32, auto_is_fp32, handoff, train_df, vocab,
-                   ours, ours_fp32, ref, ref_same, ref_here, building, child_info)
+            ours.append(train_dlrm(train, valid, shape, config, device=args.device).samples_per_s)
+            ours_fp32.append(ours[-1] if auto_is_fp32 else
+                             train_dlrm(train, valid, shape, fp32, device=args.device).samples_per_s)
+            child = reference_in_own_process(handoff)
+            ref.append(child["rate"])
+            building.append(child["share"])
+            if on_cpu:
+                ref_same.append(child["rate_same"])
+                # The same loop in this process, under feedpipe's OMP_WAIT_POLICY=PASSIVE: what sessions 1-7 compared with.
+                ref_here.append(reference_loop(train_df, vocab, config)[0])
     finally:
         shutil.rmtree(handoff, ignore_errors=True)  # a copy of the whole training set
-    threads_reference, reference_omp = child_info["threads"], child_info["omp_wait_policy"]
+    threads_reference, reference_omp = child["threads"], child["omp_wait_policy"]
     med = statistics.median
     result = {
         "samples_per_s": round(med(ours)),

@@ -137,9 +137,8 @@ def _check_asset_configs(run_config: dict, path: str | None) -> None:
         return  # Dagster's own check names what is not a mapping
     problems = []
     for node in defs.resolve_job_def("nightly_feed").graph.node_defs:
-        op = ops.get(node.name)
-        config_class, given = _config_class(node), op.get("config") if isinstance(op, dict) else None
-        if config_class is None or not isinstance(given, dict):
+        config_class, given = _config_class(node), _op_config(ops, node.name)
+        if config_class is None or given is None:
             continue  # Dagster's own check names what is missing or not a mapping
         try:
             config_class(**given)
@@ -150,17 +149,19 @@ def _check_asset_configs(run_config: dict, path: str | None) -> None:
         raise UsageError(f"--run-config {path} does not fit the job's config:\n" + "\n".join(problems))
 
 
+def _op_config(ops: dict, asset: str) -> dict | None:
+    """`ops.<asset>.config` of a run config when it is a mapping, else None."""
+    op = ops.get(asset)
+    config = op.get("config") if isinstance(op, dict) else None
+    return config if isinstance(config, dict) else None
+
+
 def _cross_asset_problems(ops: dict) -> list[str]:
     """Bounds between two assets' configs, which neither class can check alone."""
     from feedpipe.defs.feed import FeedConfig, ScoringConfig
 
-    def given(asset: str) -> dict:
-        op = ops.get(asset)
-        config = op.get("config") if isinstance(op, dict) else None
-        return config if isinstance(config, dict) else {}
-
-    k = given("ranked_feed").get("k", FeedConfig.model_fields["k"].default)
-    top_n = given("pair_scores").get("top_n", ScoringConfig.model_fields["top_n"].default)
+    k = (_op_config(ops, "ranked_feed") or {}).get("k", FeedConfig.model_fields["k"].default)
+    top_n = (_op_config(ops, "pair_scores") or {}).get("top_n", ScoringConfig.model_fields["top_n"].default)
     if isinstance(k, int) and isinstance(top_n, int) and k > top_n:
         return [f"  ranked_feed.k: {k} is more than pair_scores.top_n ({top_n}): the feed would be cut at {top_n}"]
     return []

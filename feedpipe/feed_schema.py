@@ -110,10 +110,10 @@ def view_sql(table: str | None, constants: dict[str, Any]) -> sql.Composed:
     )
 
 
-def grant_reader_sql(views: tuple[str, ...] = (VIEW, VERSION_VIEW)) -> sql.Composed:
-    """SELECT on the views. CREATE OR REPLACE VIEW keeps grants; init_schema repeats this for a role made since."""
-    return sql.SQL("GRANT SELECT ON {} TO {}").format(
-        sql.SQL(", ").join(map(qualified, views)), sql.Identifier(READER_ROLE)
+def grant_reader_sql() -> sql.Composed:
+    """SELECT on both views. CREATE OR REPLACE VIEW keeps grants; init_schema repeats this for a role made since."""
+    return sql.SQL("GRANT SELECT ON {}, {} TO {}").format(
+        qualified(VIEW), qualified(VERSION_VIEW), sql.Identifier(READER_ROLE)
     )
 
 
@@ -262,7 +262,4 @@ def _ensure_reader_role(cur: psycopg.Cursor) -> None:
             ).format(sql.Identifier(READER_ROLE))
         )
     cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(SCHEMA), sql.Identifier(READER_ROLE)))
-    # Only on what exists: a GRANT naming a missing view fails init_schema, and with it every publish.
-    present = tuple(v for v in (VIEW, VERSION_VIEW) if v not in missing_views(cur))
-    if present:
-        cur.execute(grant_reader_sql(present))
+    cur.execute(grant_reader_sql())  # after _recreate_missing_views: both views exist

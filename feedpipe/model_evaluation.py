@@ -117,28 +117,29 @@ def evaluate_rankers(
 
 def held_out_loss_and_auc(trained: TrainedModel, examples: pl.DataFrame) -> tuple[float, float]:
     """Log loss and AUC on the test split: held-out days of customers the model was not early-stopped on."""
-    from feedpipe.training import evaluate_examples, example_tensors
+    from feedpipe.training import loss_and_auc
 
-    import torch
-
-    test = example_tensors(examples.filter(pl.col(SPLIT) == TEST), trained.customer_specs, trained.product_specs)
-    if test.num_rows == 0:
-        return math.nan, math.nan
-    with torch.no_grad():
-        return evaluate_examples(trained.model, test)
+    logits, labels = _held_out_logits(trained, examples)
+    return loss_and_auc(logits, labels) if labels.numel() else (math.nan, math.nan)
 
 
 def held_out_scores(trained: TrainedModel, examples: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Predicted probabilities on the test split: (positives, negatives), for the histogram."""
     import torch
 
+    logits, labels = _held_out_logits(trained, examples)
+    probs, positive = torch.sigmoid(logits).numpy(), labels.numpy() == 1.0
+    return probs[positive], probs[~positive]
+
+
+def _held_out_logits(trained: TrainedModel, examples: pl.DataFrame):
+    """(logits, labels) of the test split's examples, through the model's forward in 16k-row batches."""
+    import torch
+
     from feedpipe.training import example_tensors, forward_examples
 
-    valid = examples.filter(pl.col(SPLIT) == TEST)
-    data = example_tensors(valid, trained.customer_specs, trained.product_specs)
+    data = example_tensors(examples.filter(pl.col(SPLIT) == TEST), trained.customer_specs, trained.product_specs)
+    trained.model.eval()
     with torch.no_grad():
-        probs = torch.cat(
-            [torch.sigmoid(forward_examples(trained.model, data, rows)) for rows in torch.arange(data.num_rows).split(16384)]
-        ).numpy()
-    labels = data.labels.numpy() == 1.0
-    return probs[labels], probs[~labels]
+        batches = [forward_examples(trained.model, data, rows) for rows in torch.arange(data.num_rows).split(16384)]
+    return (torch.cat(batches) if batches else torch.zeros(0)), data.labels

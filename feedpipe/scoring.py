@@ -266,7 +266,8 @@ class ScoringPlan:
         return replace(
             self, e=c(self.e), w_x_rows=c(self.w_x_rows), u_fold=None if self.u_fold is None else c(self.u_fold),
             w_pp=c(self.w_pp), u_rows=None if self.u_rows is None else c(self.u_rows),
-            u_const=None if self.u_const is None else c(self.u_const), middle=[(c(w), c(b)) for w, b in self.middle], last_w=c(self.last_w), dtype=dtype,
+            u_const=None if self.u_const is None else c(self.u_const), middle=[(c(w), c(b)) for w, b in self.middle],
+            last_w=c(self.last_w), dtype=dtype,
             onednn=onednn_available(self.e.device, dtype),
             columns=None if self.columns is None else self.columns.cast(dtype),
         )

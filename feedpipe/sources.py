@@ -46,8 +46,7 @@ from feedpipe.quarantine import (
 )
 from feedpipe.table_files import (
     MAX_ROWS_SHOWN, RawTable, StoredTable, check_required_columns, check_reserved_columns, find_table_file, iter_columns,
-    read_columns,
-    read_schema,
+    read_columns, read_schema,
 )
 
 __all__ = [

@@ -145,9 +145,6 @@ class LoadSpooler:
         self._writers.clear()
 
 
-
-
-
 # A load killed mid-write leaves its own partial file behind (each load's name is its own, so no later load
 # overwrites it). One not written to for this long is no live load's: a live one writes a chunk every few seconds.
 STALE_PARTIAL_S = 6 * 3600

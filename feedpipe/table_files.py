@@ -171,8 +171,7 @@ def read_columns(stored: StoredTable, schema: pl.Schema, columns: list[str]) -> 
                                  "a truncated file?")
             table = _read_csv(stored, schema, columns)
         elif utc := _offset_zones_as_utc(pq.read_schema(stored.path)):
-            table = pq.read_table(stored.path, columns=columns)
-            table = table.cast(pa.schema([utc.field(name) for name in table.column_names]))
+            table = _zoned_as_utc(pq.read_table(stored.path, columns=columns), utc)
             table.validate(full=True)  # the UTF-8 check polars' read makes
         else:
             table = pl.scan_parquet(stored.path).select(columns).collect().to_arrow()
@@ -204,7 +203,7 @@ def iter_columns(stored: StoredTable, schema: pl.Schema, columns: list[str],
                 # reach the quarantine file and make it unreadable.
                 batch.validate(full=True)
                 if utc:
-                    batch = batch.cast(pa.schema([utc.field(name) for name in batch.schema.names]))
+                    batch = _zoned_as_utc(batch, utc)
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{stored}: cannot read the file ({_expected_format(stored)}): {exc}") from exc
         if batch is None:
@@ -222,6 +221,11 @@ def _offset_zones_as_utc(schema: pa.Schema) -> pa.Schema | None:
 
     fields = [f.with_type(utc(f.type)) for f in schema]
     return pa.schema(fields, schema.metadata) if any(f.type != g.type for f, g in zip(fields, schema)) else None
+
+
+def _zoned_as_utc(data: pa.Table | pa.RecordBatch, utc: pa.Schema) -> pa.Table | pa.RecordBatch:
+    """`data` (some of the file's columns) cast to `_offset_zones_as_utc`'s schema."""
+    return data.cast(pa.schema([utc.field(name) for name in data.schema.names]))
 
 
 def _as_text_type(dtype: pl.DataType) -> pl.DataType:

@@ -226,31 +226,35 @@ def test_a_configured_query_runs_read_only(source_db, tmp_path):
     assert canary_rows(source_db) == 3
 
 
-def test_an_infinite_timestamp_is_one_rejected_row_not_a_failed_load(source_db, tmp_path):
+def _orders_with_extra_rows(source_db, tmp_path, table: str, create: str, inserts: list[str]):
+    """(transactions loaded from sales.<table>, made by `create` and `inserts`; the plain orders' transactions)."""
     with connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE sales.orders_inf AS SELECT * FROM sales.orders")
-        conn.execute("INSERT INTO sales.orders_inf SELECT cust_no, sku, 'infinity', qty FROM sales.orders LIMIT 1")
+        conn.execute(create)
+        for insert in inserts:
+            conn.execute(insert)
     columns = {CUSTOMER_ID: "cust_no", PRODUCT_ID: "sku", TS: "ordered_at", QUANTITY: "qty"}
     tx = load_all(InputConfig(postgres=source(transactions=PostgresTableSource(
-        table="orders_inf", schema="sales", columns=columns))), tmp_path).transactions
-    plain = load_all(InputConfig(postgres=source()), tmp_path / "plain").transactions
+        table=table, schema="sales", columns=columns))), tmp_path).transactions
+    return tx, load_all(InputConfig(postgres=source()), tmp_path / "plain").transactions
+
+
+def test_an_infinite_timestamp_is_one_rejected_row_not_a_failed_load(source_db, tmp_path):
+    tx, plain = _orders_with_extra_rows(source_db, tmp_path, "orders_inf",
+                                        "CREATE TABLE sales.orders_inf AS SELECT * FROM sales.orders",
+                                        ["INSERT INTO sales.orders_inf SELECT cust_no, sku, 'infinity', qty "
+                                         "FROM sales.orders LIMIT 1"])
     assert tx.received == plain.received + 1
     assert tx.counts_by_reason()["missing_ts"] == plain.counts_by_reason().get("missing_ts", 0) + 1
 
 
 def test_timestamps_and_numbers_python_cannot_hold_are_rejected_rows_not_a_failed_load(source_db, tmp_path):
-    with connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE sales.orders_odd AS SELECT cust_no, sku, ordered_at, qty::numeric AS qty FROM sales.orders")
-        conn.execute("INSERT INTO sales.orders_odd SELECT cust_no, sku, timestamptz '10000-01-01 00:00+00', qty "
-                     "FROM sales.orders LIMIT 1")
-        conn.execute("INSERT INTO sales.orders_odd SELECT cust_no, sku, timestamptz '0044-03-15 12:00+00 BC', qty "
-                     "FROM sales.orders LIMIT 1")
-        conn.execute("INSERT INTO sales.orders_odd SELECT cust_no, sku, ordered_at, 1e400 FROM sales.orders LIMIT 1")
-        conn.execute("INSERT INTO sales.orders_odd SELECT cust_no, sku, ordered_at, 1e-400 FROM sales.orders LIMIT 1")
-    columns = {CUSTOMER_ID: "cust_no", PRODUCT_ID: "sku", TS: "ordered_at", QUANTITY: "qty"}
-    tx = load_all(InputConfig(postgres=source(transactions=PostgresTableSource(
-        table="orders_odd", schema="sales", columns=columns))), tmp_path).transactions
-    plain = load_all(InputConfig(postgres=source()), tmp_path / "plain").transactions
+    odd = "INSERT INTO sales.orders_odd SELECT cust_no, sku, {ts}, {qty} FROM sales.orders LIMIT 1"
+    tx, plain = _orders_with_extra_rows(
+        source_db, tmp_path, "orders_odd",
+        "CREATE TABLE sales.orders_odd AS SELECT cust_no, sku, ordered_at, qty::numeric AS qty FROM sales.orders",
+        [odd.format(ts="timestamptz '10000-01-01 00:00+00'", qty="qty"),
+         odd.format(ts="timestamptz '0044-03-15 12:00+00 BC'", qty="qty"),
+         odd.format(ts="ordered_at", qty="1e400"), odd.format(ts="ordered_at", qty="1e-400")])
     assert tx.received == plain.received + 4
     assert tx.counts_by_reason()["missing_ts"] == plain.counts_by_reason().get("missing_ts", 0) + 2
     assert tx.counts_by_reason()["invalid_number"] == plain.counts_by_reason().get("invalid_number", 0) + 2

@@ -26,7 +26,6 @@ class EvaluationConfig(dg.Config):
     )
 
 
-
 @dg.asset(
     partitions_def=feed_date_partitions,
     group_name="model",

@@ -24,8 +24,11 @@ class DataResource(dg.ConfigurableResource):
     data_dir: str = Field(default="", description="Directory with transactions, customers and products (.parquet or .csv). Empty: $FEEDPIPE_DATA_DIR.")
     input_config: str = ""
 
+    def _directory_setting(self) -> str:
+        return self.data_dir or os.environ.get("FEEDPIPE_DATA_DIR", "")
+
     def directory(self) -> Path:
-        d = self.data_dir or os.environ.get("FEEDPIPE_DATA_DIR", "")
+        d = self._directory_setting()
         if not d:
             raise dg.Failure("no input directory: set the data resource's data_dir or FEEDPIPE_DATA_DIR (feedpipe run --data DIR)")
         return Path(d)
@@ -36,7 +39,7 @@ class DataResource(dg.ConfigurableResource):
         CLI's demo folder) would give the oracle another dataset's truth."""
         if self.config().postgres is not None:
             return None
-        d = self.data_dir or os.environ.get("FEEDPIPE_DATA_DIR", "")
+        d = self._directory_setting()
         return Path(d) / TRUTH_FILE if d else None
 
     def config(self) -> InputConfig:
