@@ -81,6 +81,25 @@ def float_expr(column: str, dtype: pl.DataType) -> pl.Expr:
     return pl.when(col.is_finite()).then(col)
 
 
+TRUE_TEXT = ("true", "t", "yes", "y")
+FALSE_TEXT = ("false", "f", "no", "n")
+BOOLEAN_FORMS = "true/false, t/f, yes/no, y/n (any case) or 1/0"
+
+
+def boolean_expr(column: str, dtype: pl.DataType) -> pl.Expr:
+    """Booleans, 1/0 or their usual words (BOOLEAN_FORMS) -> Boolean; null where missing or anything else."""
+    col = pl.col(column)
+    if dtype == pl.Boolean:
+        return col
+    number = float_expr(column, dtype)
+    from_number = pl.when(number == 1).then(True).when(number == 0).then(False)
+    if not is_text(dtype):
+        return from_number if dtype.is_numeric() else pl.lit(None, pl.Boolean)
+    word = col.cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+    return (pl.when(word.is_in(TRUE_TEXT)).then(True).when(word.is_in(FALSE_TEXT)).then(False)
+            .otherwise(from_number))
+
+
 def text_expr(column: str) -> pl.Expr:
     """Any scalar -> text; empty text becomes null (one spelling of "missing")."""
     text = pl.col(column).cast(pl.Utf8)

@@ -23,6 +23,11 @@ QUANTITY = "quantity"
 # Columns the loader adds to rejected rows (their row number, reason and the column at fault): an input
 # column of one of these names would be overwritten, so it is refused.
 BOOKKEEPING_COLUMNS = ("_row", "_reason", "_column")
+# The products frame's availability (Boolean: false for a product never to be recommended), read from the column
+# the input config names under `products.available`; reserved like the bookkeeping columns, so an input column of
+# this name can never be taken for it.
+AVAILABLE = "_available"
+RESERVED_COLUMNS = (*BOOKKEEPING_COLUMNS, AVAILABLE)
 REQUIRED_COLUMNS = {
     TRANSACTIONS: (CUSTOMER_ID, PRODUCT_ID, TS),
     CUSTOMERS: (CUSTOMER_ID,),
@@ -40,6 +45,10 @@ MULTI_CATEGORICAL = "multi_categorical"
 ROLES = (DENSE, CATEGORICAL, MULTI_CATEGORICAL)
 
 DEFAULT_DELIMITER = "|"
+
+# A data directory's own input config (a CSV export names its multi-valued columns there), read when no other
+# config file is given.
+INPUT_CONFIG_FILE = "feedpipe.yaml"
 
 # The generator's truth file beside a demo data set; the pipeline never reads it for training.
 TRUTH_FILE = "truth.parquet"

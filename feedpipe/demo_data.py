@@ -42,6 +42,7 @@ from feedpipe.contract import (
     CUSTOMER_ID,
     CUSTOMERS,
     DEFAULT_DELIMITER,
+    INPUT_CONFIG_FILE,
     PRODUCT_ID,
     PRODUCTS,
     QUANTITY,
@@ -52,7 +53,6 @@ from feedpipe.contract import (
 )
 
 SUMMARY_FILE = "demo.json"
-INPUT_CONFIG_FILE = "feedpipe.yaml"  # read by `feedpipe run --data DIR` when no --config is given
 FILE_FORMATS = ("parquet", "csv")
 
 # Attribute columns of the demo tables (not part of the contract: any attribute columns may come in).

@@ -93,7 +93,7 @@ def run_training(args, group: RankGroup, log) -> dict:
 def run_scoring(args, group: RankGroup, log) -> dict:
     from feedpipe.scoring import precision
     from feedpipe.scoring_runtime import emulated_precision_warning
-    from feedpipe.sharded_scoring import merge_parts, score_rank_part
+    from feedpipe.sharded_scoring import merge_parts, score_rank_part, scored_products
     from feedpipe.training import TrainedModel
 
     try:
@@ -116,11 +116,12 @@ def run_scoring(args, group: RankGroup, log) -> dict:
         top_n=args.top_n, exclude=exclude, unavailable=unavailable, dtype=chosen.dtype, rerank=chosen.rerank,
     )
     rank_seconds = time.perf_counter() - t1
-    log(f"rank {group.rank}: scored {n_customers:,} customers x {products.height:,} products in {rank_seconds:.1f}s")
+    n_products = scored_products(products, unavailable)
+    log(f"rank {group.rank}: scored {n_customers:,} customers x {n_products:,} products in {rank_seconds:.1f}s")
     # Gathering every rank's time is also the barrier: all parts are written once it returns.
     rank_seconds_all = group.all_gather_rows(torch.tensor([rank_seconds], dtype=torch.float64)).tolist()
     rows = merge_parts(parts_dir, group.world_size, out).height if group.is_leader else 0
-    total_pairs = customers.height * products.height
+    total_pairs = customers.height * n_products
     seconds = max(rank_seconds_all)  # the ranks run side by side: the slowest one is the stage's time
     return {
         "job": "score",

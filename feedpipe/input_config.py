@@ -53,7 +53,7 @@ import yaml
 from feedpipe import contract
 
 CONFIGURABLE_TABLES = (contract.CUSTOMERS, contract.PRODUCTS)
-_TABLE_KEYS = ("exclude", "roles", "multi_valued")
+_TABLE_KEYS = ("exclude", "roles", "multi_valued", "available")
 _TOP_KEYS = ("delimiter", *CONFIGURABLE_TABLES, "source")
 _POSTGRES_KEYS = ("url_env", "chunk_rows", *contract.TABLES)
 _POSTGRES_TABLE_KEYS = ("schema", "table", "query", "columns")
@@ -89,6 +89,9 @@ class TableInputConfig:
     """Column -> role (`contract.DENSE`, `CATEGORICAL` or `MULTI_CATEGORICAL`); overrides the inferred role."""
     multi_valued: tuple[str, ...] = ()
     """Text columns split by the delimiter into lists of categories (role `MULTI_CATEGORICAL`)."""
+    available: str | None = None
+    """Products only: the column saying whether a product may be recommended (true/false; empty counts as false).
+    It is not a feature: an unavailable product still trains the model on its history, and is never in a feed."""
 
     def __post_init__(self) -> None:
         # Read-only view, so a frozen config cannot be changed through its dict either.
@@ -111,7 +114,14 @@ class TableInputConfig:
         named = {c: "exclude" for c in self.exclude}
         named.update({c: "multi_valued" for c in self.multi_valued})
         named.update({c: f"roles.{c}" for c in self.roles})
+        if self.available is not None:
+            named[self.available] = "available"
         return named
+
+
+def is_env_var_name(value: object) -> bool:
+    """A name a shell could export (what the config's `*_env` keys must hold, never the secret itself)."""
+    return isinstance(value, str) and bool(_ENV_VAR_NAME.match(value))
 
 
 def check_identifier(value: object, key: str) -> str:
@@ -182,8 +192,11 @@ class PostgresSource:
         missing = [t for t in contract.TABLES if t not in self.tables]
         if missing:
             raise InputConfigError(f"key 'source.postgres': missing section(s) for {', '.join(missing)}")
-        if not isinstance(self.url_env, str) or not _ENV_VAR_NAME.match(self.url_env):
-            raise InputConfigError(f"key 'source.postgres.url_env': expected an environment variable name, got {self.url_env!r}")
+        if not is_env_var_name(self.url_env):
+            # Not echoed: what is written here by mistake is most often the URL itself, password included.
+            raise InputConfigError("key 'source.postgres.url_env': expected the name of an environment variable "
+                                   "(letters, digits and underscores) that holds the URL, not the URL itself; the "
+                                   "value given is not shown, as it may be a secret")
         if not isinstance(self.chunk_rows, int) or isinstance(self.chunk_rows, bool) or self.chunk_rows < 1:
             raise InputConfigError(f"key 'source.postgres.chunk_rows': expected a positive integer, got {self.chunk_rows!r}")
 
@@ -327,8 +340,19 @@ def _parse_table(table: str, raw: Any, fail) -> TableInputConfig:
             raise fail(key, f"unknown role {role!r}; expected one of {', '.join(contract.ROLES)}")
         roles[column] = role
 
+    available = raw.get("available")
+    if available is not None:
+        if table != contract.PRODUCTS:
+            raise fail(f"{table}.available", "only products have an availability column")
+        if not isinstance(available, str) or not available:
+            raise fail(f"{table}.available", f"expected a column name, got {available!r}")
+        if available in exclude or available in roles or available in multi_valued:
+            message = f"column '{available}' is the availability column; it is not a feature, so it takes no role"
+            raise fail(f"{table}.available", message)
+
     id_column = contract.ID_COLUMN[table]
-    for key, columns in (("exclude", exclude), ("multi_valued", multi_valued), ("roles", tuple(roles))):
+    for key, columns in (("exclude", exclude), ("multi_valued", multi_valued), ("roles", tuple(roles)),
+                         ("available", (available,) if available else ())):
         if id_column in columns:
             message = f"'{id_column}' is the id column; it is always loaded as text and is not a feature"
             raise fail(f"{table}.{key}", message)
@@ -340,7 +364,7 @@ def _parse_table(table: str, raw: Any, fail) -> TableInputConfig:
         if roles.get(column, contract.MULTI_CATEGORICAL) != contract.MULTI_CATEGORICAL:
             message = f"column '{column}' is listed in multi_valued but given role {roles[column]!r}"
             raise fail(f"{table}.roles.{column}", message)
-    return TableInputConfig(exclude=exclude, roles=roles, multi_valued=multi_valued)
+    return TableInputConfig(exclude=exclude, roles=roles, multi_valued=multi_valued, available=available)
 
 
 def _column_list(raw: Any, key: str, fail) -> tuple[str, ...]:

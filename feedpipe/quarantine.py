@@ -39,6 +39,7 @@ REASONS: dict[str, str] = {
     "invalid_ts": "are not a timestamp",
     "ts_after_feed_date": "are on or after the feed date",
     "invalid_number": "do not parse as a finite number",
+    "invalid_boolean": "are not a boolean (the products' availability)",
     "non_positive_quantity": "have a quantity of zero or less",
     "duplicate_row": "repeat an earlier row exactly (the first one is kept)",
     "duplicate_id": "share their id with a different row (none of them is kept: which is right is unknown)",

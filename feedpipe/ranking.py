@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
+from feedpipe.contract import AVAILABLE, CUSTOMER_ID, PRODUCT_ID
 from feedpipe.feature_tensors import side_tensors
 from feedpipe.scoring import Exclusions, pair_logits, score_all_pairs
 from feedpipe.training import TrainedModel
@@ -60,6 +60,14 @@ def top_n_frame(customer_ids: pl.Series, product_ids: pl.Series, rows: torch.Ten
         },
         schema=RANKING_SCHEMA,
     )
+
+
+def unavailable_products(products: pl.DataFrame) -> pl.Series | None:
+    """The ids of products never to be recommended (their availability false, `contract.AVAILABLE`), or None
+    when the products say nothing of availability (no `products.available` in the input config)."""
+    if AVAILABLE not in products.columns:
+        return None
+    return products.filter(~pl.col(AVAILABLE)).get_column(PRODUCT_ID)
 
 
 def model_ranking(
@@ -183,6 +191,8 @@ def customers_without_scores(
     in_window: pl.DataFrame, scores: pl.DataFrame, products: pl.DataFrame, exclude: pl.DataFrame | None
 ) -> tuple[int, int, int]:
     """(customers with history in the window, those of them with no scores, those who bought every product).
+
+    `products`: those that may be recommended (unavailable ones left out), so "every product" is every one of those.
 
     A customer whose exclusions cover the whole catalogue has nothing left to recommend: no rows, and not a
     fault of the scorer, so they are counted apart rather than as missing.

@@ -38,7 +38,8 @@ import polars as pl
 
 from feedpipe import contract
 from feedpipe.column_parsing import (
-    TS_FORMATS, float_expr, id_expr, is_text, multi_expr, present, text_expr, text_length, ts_expr,
+    BOOLEAN_FORMS, TS_FORMATS, boolean_expr, float_expr, id_expr, is_text, multi_expr, present, text_expr, text_length,
+    ts_expr,
 )
 from feedpipe.input_config import InputConfig, InputConfigError, InputError, TableInputConfig
 from feedpipe.quarantine import (
@@ -188,9 +189,13 @@ def _load_attribute_table(stored: StoredTable, config: InputConfig, policy: Reje
     _check_config_columns(stored, config, schema)
     section = config.table(table)
     id_column = contract.ID_COLUMN[table]
-    attributes = [c for c in schema if c != id_column and c not in section.exclude]
+    available = section.available
+    if available and not _is_scalar_attribute(schema[available]):
+        raise InputError(f"{stored}: column '{available}' (products.available in the input config) holds "
+                         f"{schema[available]}; the availability column must be {BOOLEAN_FORMS}, or empty")
+    attributes = [c for c in schema if c not in (id_column, available) and c not in section.exclude]
     check_reserved_columns(stored, attributes)  # only what is read: an excluded or unread one is never overwritten
-    raw = _read_rows(stored, schema, [id_column, *attributes])
+    raw = _read_rows(stored, schema, [id_column, *attributes, *([available] if available else [])])
     frame = raw.frame
 
     inferable_text = [c for c in attributes if schema[c] == pl.Utf8 and section.role_override(c) is None]
@@ -204,6 +209,7 @@ def _load_attribute_table(stored: StoredTable, config: InputConfig, policy: Reje
     typed = frame.select(
         id_expr(stored, id_column, schema[id_column]),
         *(converters[roles[c]](c).alias(c) for c in attributes),
+        *([boolean_expr(available, schema[available]).alias(contract.AVAILABLE)] if available else []),
     )
     rejections = [*_utf8_rejections(raw), *_id_rejections(typed, id_column, policy)]
     for c in attributes:
@@ -214,6 +220,13 @@ def _load_attribute_table(stored: StoredTable, config: InputConfig, policy: Reje
         elif roles[c] != contract.DENSE:
             too_long = typed.select(text_length(c, typed.schema[c]) > policy.max_text_chars).to_series()
             rejections.append(Rejection("text_too_long", c, too_long, f"at most {policy.max_text_chars} characters"))
+    if available:
+        stored_value = frame.select(present(pl.col(available), schema[available])).to_series()
+        rejections.append(Rejection("invalid_boolean", available,
+                                    stored_value & typed.get_column(contract.AVAILABLE).is_null(),
+                                    f"{BOOLEAN_FORMS}, or empty (not available)"))
+        # Empty is "not known to be available": such a product is left out of the feed, as a false one is.
+        typed = typed.with_columns(pl.col(contract.AVAILABLE).fill_null(False))
     return _reject_duplicates(TableLoad.build(stored, frame, typed, rejections), id_column)
 
 
@@ -319,7 +332,7 @@ def _resolve_role(table: str, column: str, dtype: pl.DataType, section: TableInp
 
 
 def infer_features(table: str, df: pl.DataFrame, config: InputConfig | None = None) -> list[FeatureSpec]:
-    """One `FeatureSpec` per attribute column of `df` (id and excluded columns skipped), in column order.
+    """One `FeatureSpec` per attribute column of `df` (id, availability and excluded columns skipped), in column order.
 
     On a frame from `read_customers`/`read_products` the dtype already says the role (Float64 dense, Utf8
     categorical, List(Utf8) multi-valued), so `config` only matters for frames that were not loaded here.
@@ -330,7 +343,7 @@ def infer_features(table: str, df: pl.DataFrame, config: InputConfig | None = No
     return [
         FeatureSpec(name, table, _resolve_role(table, name, dtype, section, f"{table} frame", config))
         for name, dtype in df.schema.items()
-        if name != id_column and name not in section.exclude
+        if name not in (id_column, contract.AVAILABLE, section.available) and name not in section.exclude
     ]
 
 

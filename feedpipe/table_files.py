@@ -136,11 +136,13 @@ def read_schema(stored: StoredTable) -> pl.Schema:
 
 
 def check_reserved_columns(stored: StoredTable, columns: list[str]) -> None:
-    """Refuse read columns named like the rejected rows' own (their values would be overwritten unannounced)."""
-    reserved = [c for c in columns if c in contract.BOOKKEEPING_COLUMNS]
+    """Refuse read columns named like the rejected rows' own or the products' availability (their values would be
+    overwritten, or taken for something else, unannounced)."""
+    reserved = [c for c in columns if c in contract.RESERVED_COLUMNS]
     if reserved:
         raise InputError(f"{stored}: column name(s) {_quoted(reserved)} are reserved for feedpipe's record of "
-                         "rejected rows; rename the column(s) or exclude them in the input config")
+                         "rejected rows and the products' availability; rename the column(s) or exclude them in "
+                         "the input config")
 
 
 def check_required_columns(stored: StoredTable, schema: pl.Schema) -> None:

@@ -126,15 +126,18 @@ def test_two_rank_scoring_merges_to_the_one_process_ranking_row_for_row(scoring_
     products = pl.read_parquet(paths["products"])
     assert customers_as_rows(trained.model, products.height, torch.device("cpu"))  # the layout the ranges assume
     assert customer_range(customers.height, products.height, 2, 1, customer_rows=True)[0] < customers.height
-    expected = model_ranking(trained, customers, products, top_n=25, exclude=exclude)
+    unavailable = products.get_column("product_id").head(5)  # out of stock: never recommended, never counted
+    unavailable.to_frame().write_parquet(d / "unavailable.parquet")
+    expected = model_ranking(trained, customers, products, top_n=25, exclude=exclude, unavailable=unavailable)
+    assert not expected.filter(pl.col("product_id").is_in(unavailable.implode())).height
     out = d / "ranking.parquet"
     run_ranks(["score", "--model", str(d / "model"), "--customers", str(paths["customers"]),
                "--products", str(paths["products"]), "--exclude", str(d / "exclude.parquet"),
-               "--out", str(out), "--top-n", "25"])
+               "--unavailable", str(d / "unavailable.parquet"), "--out", str(out), "--top-n", "25"])
     got = pl.read_parquet(out)
     assert got.equals(expected)  # same rows, same order, same scores to the bit
     summary = read_summary(d / "ranking.summary.json")
-    assert summary["ranks"] == 2 and summary["pairs_scored"] == customers.height * products.height
+    assert summary["ranks"] == 2 and summary["pairs_scored"] == customers.height * (products.height - 5)
     assert summary["rows"] == expected.height and len(summary["rank_seconds"]) == 2
     assert not (d / "ranking.parts").exists() or not any((d / "ranking.parts").iterdir())
 

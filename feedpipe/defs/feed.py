@@ -14,7 +14,9 @@ from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.evaluation import gate_failure
 from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DatabaseResource
 from feedpipe.publishing import FeedArrays, publish_feed
-from feedpipe.ranking import RANK, SCORE, customers_without_scores, model_ranking, top_k_overlap
+from feedpipe.ranking import (
+    RANK, SCORE, customers_without_scores, model_ranking, top_k_overlap, unavailable_products,
+)
 from feedpipe.scoring import precision
 from feedpipe.scoring_runtime import emulated_precision_warning
 from feedpipe.training import TrainedModel
@@ -96,6 +98,11 @@ def pair_scores(
         raise dg.Failure(f"pair_scores config: {e}") from None
     in_window = window_transactions(transactions, window)
     exclude = purchased_pairs(in_window) if config.exclude_purchased else None
+    unavailable = unavailable_products(products)  # the input config's products.available, when it names one
+    n_unavailable = 0 if unavailable is None else unavailable.len()
+    if n_unavailable == products.height:
+        raise dg.Failure(f"all {products.height:,} products are unavailable (their products.available column is "
+                         "false or empty): there is nothing to recommend, so yesterday's feed stays current")
     timings: dict[str, float] = {}
     device = None  # the launcher's ranks pick their own (and warn for themselves)
     # Where this process runs bf16: the scoring in process, and the fidelity check below either way
@@ -108,14 +115,14 @@ def pair_scores(
         device = here
         dlrm_model = dlrm_model.to(device)  # the IO manager loads it on the CPU
         scores = model_ranking(
-            dlrm_model, customers, products, top_n=config.top_n, exclude=exclude, dtype=chosen.dtype,
-            rerank=chosen.rerank, timings=timings,
+            dlrm_model, customers, products, top_n=config.top_n, exclude=exclude, unavailable=unavailable,
+            dtype=chosen.dtype, rerank=chosen.rerank, timings=timings,
         )
         ranks = 1
     else:  # torchrun or a pod, through Dagster Pipes (feedpipe/defs/launchers.py)
         scores, summary = launcher.rank(
             context, dlrm_model, customers, products, top_n=config.top_n, exclude=exclude, dtype=config.dtype,
-            device=compute.device,
+            unavailable=unavailable, device=compute.device,
         )
         ranks = summary["ranks"]
         timings = {"scoring_s": summary["scoring_seconds"]}
@@ -124,15 +131,17 @@ def pair_scores(
         fidelity[f"top20_overlap_{config.dtype}_vs_fp32"] = round(
             top_k_overlap(dlrm_model, customers, products, dtype=chosen.dtype, rerank=chosen.rerank), 4
         )
-    pairs = customers.height * products.height
+    scored = products if unavailable is None else products.filter(~pl.col(PRODUCT_ID).is_in(unavailable.implode()))
+    pairs = customers.height * scored.height
     null_ids = scores.filter(pl.col(CUSTOMER_ID).is_null() | pl.col(PRODUCT_ID).is_null()).height
-    with_history, missing, exhausted = customers_without_scores(in_window, scores, products, exclude)
+    with_history, missing, exhausted = customers_without_scores(in_window, scores, scored, exclude)
     yield dg.Output(
         scores,
         metadata=frame_metadata(
             scores,
             customers=scores.get_column(CUSTOMER_ID).n_unique(),
-            pairs_scored=pairs,
+            pairs_scored=pairs,  # of the products that may be recommended
+            products_unavailable=n_unavailable,
             # pairs_per_s is the scorer's alone, as benchmarks/scoring.py measures it; the other
             # seconds show what encoding, exclusions and the frame add around it (in-process only)
             pairs_per_s=round(pairs / max(timings["scoring_s"], 1e-9)),

@@ -24,7 +24,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS, TRANSACTIONS, TS
+from feedpipe.contract import AVAILABLE, CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS, TRANSACTIONS, TS
 from feedpipe.database import DatabaseError
 from feedpipe.defs.io_manager import latest_partition_before
 from feedpipe.defs.metadata import frame_metadata, markdown_table, table_metadata
@@ -93,13 +93,13 @@ class RejectionPolicyConfig(dg.Config):
 
 
 class TransactionsConfig(RejectionPolicyConfig):
-    max_age_days: float = Field(default=2.0, description="Freshness check: newest transaction at most this many days before the feed date.")
-    volume_trailing_days: int = Field(default=28, description="Volume check: days the median daily count is taken over.")
-    volume_max_change: float = Field(default=0.5, description="Volume check warns when the last day differs from the median by more than this share.")
+    max_age_days: float = Field(default=2.0, ge=0, description="Freshness check: newest transaction at most this many days before the feed date.")
+    volume_trailing_days: int = Field(default=28, ge=1, description="Volume check: days the median daily count is taken over.")
+    volume_max_change: float = Field(default=0.5, ge=0, description="Volume check warns when the last day differs from the median by more than this share.")
 
 
 class AttributeTableConfig(RejectionPolicyConfig):
-    max_oov_share: float = Field(default=0.2, description="Drift check warns when a feature has more than this share of values the last vocabulary does not know.")
+    max_oov_share: float = Field(default=0.2, ge=0, le=1, description="Drift check warns when a feature has more than this share of values the last vocabulary does not know.")
 
 
 def _drift_spec(table: str) -> dg.AssetCheckSpec:
@@ -112,7 +112,8 @@ def _attribute_table(context: dg.AssetExecutionContext, table: str, config: Attr
     """What the customers and products assets do: load, quarantine, output with features, drift check."""
     policy = config.policy()
     load = _load(context, table, data, artifacts, policy, lambda stored: loader(stored, data.config(), policy))
-    yield _output(load, context, artifacts, features=_features(table, load.accepted, data))
+    yield _output(load, context, artifacts, features=_features(table, load.accepted, data),
+                  **_availability_metadata(load.accepted))
     yield _drift_check(context, table, load.accepted, data, artifacts, config.max_oov_share)
 
 
@@ -254,6 +255,14 @@ def _rejection_metadata(load: RejectionReport, rejected_path: Path) -> dict:
 def _output(load: TableLoad, context: dg.AssetExecutionContext, artifacts: ArtifactsResource, **extra) -> dg.Output:
     metadata = frame_metadata(load.accepted, **_rejection_metadata(load, _rejected_path(context, load.table, artifacts)), **extra)
     return dg.Output(load.accepted, metadata=metadata)
+
+
+def _availability_metadata(df: pl.DataFrame) -> dict[str, int]:
+    """Accepted products that may and may not be recommended (products.available in the input config), if told."""
+    if AVAILABLE not in df.columns:
+        return {}
+    available = int(df.get_column(AVAILABLE).sum())
+    return {"available": available, "unavailable": df.height - available}
 
 
 def _features(table: str, df: pl.DataFrame, data: DataResource) -> dg.MetadataValue:

@@ -13,13 +13,14 @@ import dagster as dg
 from pydantic import Field
 import torch
 
-from feedpipe.contract import TRUTH_FILE
+from feedpipe.contract import INPUT_CONFIG_FILE, TRUTH_FILE
 from feedpipe.database import DATABASE_URL_ENV, feedpipe_home, redact_url, resolve_database_url
-from feedpipe.input_config import InputConfig, load_input_config
+from feedpipe.input_config import InputConfig, is_env_var_name, load_input_config
 
 
 class DataResource(dg.ConfigurableResource):
-    """The input directory in the contract and the optional YAML that overrides feature roles."""
+    """The input directory in the contract and the optional YAML input config (feature roles, availability, a
+    Postgres source)."""
 
     data_dir: str = Field(default="", description="Directory with transactions, customers and products (.parquet or .csv). Empty: $FEEDPIPE_DATA_DIR.")
     input_config: str = ""
@@ -43,8 +44,15 @@ class DataResource(dg.ConfigurableResource):
         return Path(d) / TRUTH_FILE if d else None
 
     def config(self) -> InputConfig:
-        path = self.input_config or os.environ.get("FEEDPIPE_INPUT_CONFIG", "")
-        return load_input_config(path or None)
+        """`input_config`; else, for a directory named here, its own `feedpipe.yaml` (not a config the environment
+        names for another directory); else $FEEDPIPE_INPUT_CONFIG; else $FEEDPIPE_DATA_DIR's own; else defaults."""
+        if self.input_config:
+            return load_input_config(self.input_config)
+        if not self.data_dir and os.environ.get("FEEDPIPE_INPUT_CONFIG"):
+            return load_input_config(os.environ["FEEDPIPE_INPUT_CONFIG"])
+        directory = self._directory_setting()
+        own = Path(directory) / INPUT_CONFIG_FILE if directory else None
+        return load_input_config(own if own is not None and own.is_file() else None)
 
 
 class ArtifactsResource(dg.ConfigurableResource):
@@ -66,6 +74,12 @@ class DatabaseResource(dg.ConfigurableResource):
 
     def url(self) -> str:
         env = dict(os.environ)
+        if not is_env_var_name(self.url_env_var):
+            # `{env: VAR}` in a run config (or dg.EnvVar in code) hands over the variable's value, the URL with its
+            # password: never repeated here, as this message reaches the console and the run's stored events.
+            raise dg.Failure("the database resource's url_env_var must be the NAME of an environment variable "
+                             "holding the feed database's URL (letters, digits and underscores), not the URL or "
+                             "an {env: ...} reference to it; the value given is not shown, as it may be a secret")
         if self.url_env_var != DATABASE_URL_ENV:
             if not env.get(self.url_env_var):
                 raise dg.Failure(f"the database resource's url_env_var names {self.url_env_var}, which is not set "

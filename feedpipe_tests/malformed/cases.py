@@ -179,7 +179,7 @@ CASES: list[Case] = [
          Fatal("transactions.csv", None, r"ends inside a quoted value")),
     Case("an_attribute_named_like_the_loaders_own_row_column", "csv",  # it was overwritten without a word
          with_set("csv", customers=lambda: customers().rename({"age": "_row"})),
-         Fatal("customers.csv", "_row", r"reserved for feedpipe's record of rejected rows")),
+         Fatal("customers.csv", "_row", r"reserved for feedpipe's record of rejected rows and the products' availability")),
     Case("an_unread_transactions_column_named_like_the_loaders_own", "csv",  # never read, so never overwritten
          with_set("csv", transactions=lambda: transactions().with_columns(pl.lit("x").alias("_row"))), Accepted()),
     Case("csv_cut_inside_a_quoted_value_after_an_inch_mark", "csv",  # a quote count saw the inch mark close it
