@@ -30,7 +30,7 @@ from feedpipe.database import (
     sqlalchemy_psycopg2_url,
 )
 
-from feedpipe.demo_data import INPUT_CONFIG_FILE
+from feedpipe.contract import INPUT_CONFIG_FILE
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DAGSTER_STORAGE_URL_ENV = "FEEDPIPE_DAGSTER_STORAGE_URL"
@@ -214,6 +214,36 @@ def _failure_messages(result) -> list[str]:
     return out
 
 
+def _resource_settings(run_config: dict, name: str) -> dict:
+    """`resources.<name>.config` of a run config, `{env: VAR}` values read as Dagster reads them at launch."""
+    section = ((run_config.get("resources") or {}).get(name) or {})
+    settings = (section.get("config") or {}) if isinstance(section, dict) else {}
+    if not isinstance(settings, dict):
+        return {}
+    return {k: os.environ.get(v["env"], "") if isinstance(v, dict) and set(v) == {"env"} else v
+            for k, v in settings.items()}
+
+
+def _run_database_url(run_config: dict, path: str | None, default_url: str) -> str:
+    """The feed database the run will publish to: the run config's database resource where it sets one (its
+    url_env_var), else the default. Checked here, so an unset variable fails now rather than after training."""
+    settings = _resource_settings(run_config, "database")
+    if not settings:
+        return default_url
+    import dagster as dg
+    import pydantic
+
+    from feedpipe.defs.resources import DatabaseResource
+
+    try:
+        return DatabaseResource(**settings).url()
+    except dg.Failure as e:
+        raise UsageError(f"--run-config {path}: resources.database: {e.description}") from None
+    except pydantic.ValidationError as e:
+        fields = ", ".join(".".join(map(str, err["loc"])) for err in e.errors())  # names only: values may be secrets
+        raise UsageError(f"--run-config {path}: resources.database: invalid setting(s) {fields}") from None
+
+
 def cmd_run(args) -> int:
     from feedpipe.defs.partitions import feed_date_partitions
 
@@ -227,7 +257,12 @@ def cmd_run(args) -> int:
     url = prepare_environment()
     # Fails in a second with the database named; Dagster's own storage would retry for ~25 s, then trace back.
     connect(url).close()
-    data_dir = Path(args.data).resolve() if args.data else _demo_directory(feed_date)
+    feed_url = _run_database_url(run_config, args.run_config, url)
+    if feed_url != url:
+        connect(feed_url).close()
+    configured_dir = _resource_settings(run_config, "data").get("data_dir")  # the run config's wins, as in Dagster
+    data_dir = (Path(configured_dir).resolve() if configured_dir else Path(args.data).resolve() if args.data
+                else _demo_directory(feed_date))
     if not data_dir.is_dir():
         what = "is not a directory" if data_dir.exists() else "does not exist"
         print(f"feedpipe: data directory {data_dir} {what}", file=sys.stderr)
@@ -239,6 +274,10 @@ def cmd_run(args) -> int:
         return 2
     if input_config.exists():
         os.environ["FEEDPIPE_INPUT_CONFIG"] = str(input_config.resolve())
+        if configured_dir and args.config and not _resource_settings(run_config, "data").get("input_config"):
+            # A data resource given its directory reads that directory's own config, not the environment's: --config
+            # goes to it directly.
+            run_config["resources"]["data"]["config"]["input_config"] = str(input_config.resolve())
 
     import dagster as dg
 
@@ -246,7 +285,7 @@ def cmd_run(args) -> int:
 
     instance = dg.DagsterInstance.get()
     job = defs.resolve_job_def("nightly_feed")
-    print(f"feedpipe run: feed date {feed_date}, data {data_dir}, database {redact_url(url)}")
+    print(f"feedpipe run: feed date {feed_date}, data {data_dir}, database {redact_url(feed_url)}")
     t0 = time.perf_counter()
     try:
         result = job.execute_in_process(

@@ -136,6 +136,9 @@ def publish_feed(
         table = f"{TABLE_PREFIX}{version}"
         try:
             copy_seconds, index_seconds, rows_loaded = _load(conn, table, feed, chunk_rows, maintenance_work_mem)
+            if rows_loaded != rows:  # the server's own count of what it stored, before readers can see any of it
+                raise PublishError(f"the server stored {rows_loaded:,} of the {rows:,} feed rows sent to {table}; "
+                                   "not served, the current feed stays")
             customers = customers_counted.result()
             _pause_point("switch")
             served, served_date = _switch(conn, version, table, customers, feed_date, model_version, lock_timeout_ms,

@@ -247,6 +247,29 @@ def test_the_oracle_reads_truth_only_beside_file_inputs(tmp_path, monkeypatch):
     assert DataResource(input_config=str(postgres)).truth_path() is None
 
 
+def test_a_data_directory_named_in_the_resource_brings_its_own_input_config(tmp_path, monkeypatch):
+    """A launchpad run naming another directory read the config the environment named for the CLI's directory
+    (its multi-valued columns, its availability column, even its Postgres source), not that directory's own."""
+    from feedpipe.defs.resources import DataResource
+
+    cli_dir, other = tmp_path / "cli", tmp_path / "other"
+    for d, column in ((cli_dir, "tags"), (other, "labels")):
+        d.mkdir()
+        (d / "feedpipe.yaml").write_text(f"products:\n  multi_valued: [{column}]\n")
+    monkeypatch.setenv("FEEDPIPE_DATA_DIR", str(cli_dir))
+    monkeypatch.setenv("FEEDPIPE_INPUT_CONFIG", str(cli_dir / "feedpipe.yaml"))
+
+    assert DataResource().config().products.multi_valued == ("tags",)  # the CLI's, through the environment
+    assert DataResource(data_dir=str(other)).config().products.multi_valued == ("labels",)
+    (other / "feedpipe.yaml").unlink()
+    assert DataResource(data_dir=str(other)).config().products.multi_valued == ()  # none of its own: defaults
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text("products:\n  multi_valued: [genres]\n")
+    assert DataResource(data_dir=str(cli_dir), input_config=str(explicit)).config().products.multi_valued == ("genres",)
+    monkeypatch.delenv("FEEDPIPE_INPUT_CONFIG")
+    assert DataResource().config().products.multi_valued == ("tags",)  # $FEEDPIPE_DATA_DIR's own
+
+
 def test_scores_that_failed_their_blocking_checks_are_not_published_by_ranked_feed_run_alone(env, monkeypatch):
     from feedpipe.defs import feed
 
@@ -260,3 +283,62 @@ def test_scores_that_failed_their_blocking_checks_are_not_published_by_ranked_fe
     assert not alone.success
     (failure,) = alone.get_step_failure_events()
     assert "failed its blocking checks" in failure.step_failure_data.error.message
+
+
+def test_a_write_killed_between_its_two_renames_leaves_the_previous_object_readable(tmp_path, monkeypatch):
+    """An object directory is swapped by two renames (the old one aside, the new one in place): a process killed
+    between them left no directory at the asset's path, and every later read failed until it was rewritten."""
+    from pathlib import Path
+
+    from feedpipe.vocabularies import Vocabularies, build_vocabularies
+
+    manager = ArtifactIOManager(artifacts=ArtifactsResource(root=str(tmp_path)))
+    key = dg.AssetKey("vocabularies")
+
+    def vocab(ids):
+        from feedpipe.sources import FeatureSpec
+
+        return build_vocabularies({"customers": pl.DataFrame({"customer_id": ids}), "products": pl.DataFrame(
+            {"product_id": ["p"]})}, [FeatureSpec("customer_id", "customers", "categorical"),
+                                      FeatureSpec("product_id", "products", "categorical")])
+
+    def write(value):
+        manager.handle_output(dg.build_output_context(asset_key=key, partition_key=FEED_DATE), value)
+
+    def read():
+        return manager.load_input(dg.build_input_context(asset_key=key, partition_key=FEED_DATE))
+
+    write(vocab(["a", "b"]))
+    real_rename = Path.rename
+
+    def killed_after_setting_aside(self, target):
+        real_rename(self, target)
+        if str(target).endswith(".old.tmp"):
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Path, "rename", killed_after_setting_aside)
+    with pytest.raises(KeyboardInterrupt):
+        write(vocab(["a", "b", "c"]))
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not (tmp_path / "vocabularies" / FEED_DATE).exists()  # the window: nothing at the path itself
+    survivor = read()
+    assert isinstance(survivor, Vocabularies) and survivor.table.equals(vocab(["a", "b"]).table)
+    write(vocab(["a", "b", "c", "d"]))  # the next write puts its own in place and clears what was set aside
+    assert read().table.equals(vocab(["a", "b", "c", "d"]).table)
+    assert sorted(p.name for p in (tmp_path / "vocabularies").iterdir() if not p.name.endswith(".tmp")) == [FEED_DATE]
+    assert not list((tmp_path / "vocabularies").glob("*.old.tmp"))
+
+
+def test_an_unknown_console_log_level_is_refused_when_the_run_is_launched():
+    """It failed the logger's start with a traceback, leaving the run NOT_STARTED in the run history for good."""
+    job = defs.resolve_job_def("nightly_feed")
+
+    def levels_ok(level):
+        try:
+            dg.validate_run_config(job, {"loggers": {"console": {"config": {"log_level": level}}}})
+        except dg.DagsterInvalidConfigError as e:
+            assert "log_level" in str(e)
+            return False
+        return True
+
+    assert [levels_ok(v) for v in ("verbose", "info", "WARNING", "debug")] == [False, True, True, True]

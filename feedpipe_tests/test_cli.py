@@ -342,3 +342,47 @@ def test_config_mistakes_of_late_steps_are_refused_before_any_work(tmp_path, cap
     assert main(["run", "--run-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert named in err and "generating demo data" not in err
+
+
+def test_run_checks_the_run_configs_own_database_and_data_directory_before_any_work(tmp_path, monkeypatch, capsys):
+    """The early checks and the header used $FEEDPIPE_DATABASE_URL and --data whatever the run config's resources
+    said: an unset url_env_var failed ranked_feed only after training, and the header named the wrong directory."""
+    from feedpipe import cli
+
+    connected = []
+    monkeypatch.setattr(cli, "prepare_environment", lambda: "postgresql://u@storage-db/dagster")
+    monkeypatch.setattr(cli, "connect", lambda url: connected.append(url) or type("C", (), {"close": lambda s: None})())
+    monkeypatch.setattr(cli, "_demo_directory", lambda feed_date: pytest.fail("demo data built for a refused run"))
+    monkeypatch.delenv("SHOP_FEED_DB_URL", raising=False)
+    config = tmp_path / "run.yaml"
+    config.write_text("resources: {database: {config: {url_env_var: SHOP_FEED_DB_URL}}}\n")
+    assert main(["run", "--run-config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "resources.database" in err and "SHOP_FEED_DB_URL" in err and "not set" in err
+
+    monkeypatch.setenv("SHOP_FEED_DB_URL", "postgresql://feed:S3cretPw@feed-db/feeds")
+    config.write_text("resources: {database: {config: {url_env_var: {env: SHOP_FEED_DB_URL}}}}\n")  # the value
+    assert main(["run", "--run-config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "NAME of an environment variable" in err and "S3cretPw" not in err
+
+    missing = tmp_path / "no-such-dir"
+    config.write_text(f"resources: {{database: {{config: {{url_env_var: SHOP_FEED_DB_URL}}}}, "
+                      f"data: {{config: {{data_dir: '{missing}'}}}}}}\n")
+    assert main(["run", "--run-config", str(config), "--data", str(tmp_path)]) == 2
+    assert f"data directory {missing} does not exist" in capsys.readouterr().err
+    assert connected[-1] == "postgresql://feed:S3cretPw@feed-db/feeds"  # the feed's database was reached first
+
+
+@pytest.mark.parametrize("setting", ["volume_trailing_days: 0", "volume_max_change: -0.5", "max_age_days: -1"])
+def test_an_input_check_setting_that_would_make_its_check_always_pass_fails_run_before_any_work(
+        tmp_path, monkeypatch, capsys, setting):
+    """At volume_trailing_days 0 the daily_volume check had no median and passed with 'n/a', whatever came in."""
+    from feedpipe import cli
+
+    monkeypatch.setattr(cli, "prepare_environment", lambda: pytest.fail("database resolved for a refused config"))
+    bad = tmp_path / "run.yaml"
+    bad.write_text(f"ops: {{transactions: {{config: {{{setting}}}}}}}\n")
+    assert main(["run", "--run-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the job's config" in err and f"transactions.{setting.split(':')[0]}" in err

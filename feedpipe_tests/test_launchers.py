@@ -233,3 +233,55 @@ def test_rank_failures_list_causes_before_lost_peers_and_name_the_silent_ranks(t
     assert "rank(s) 1, 3 wrote no report: killed (out of memory?)" in lines[3]
     (errors / "rank-0.txt").unlink(), (errors / "rank-2.txt").unlink()
     assert "no rank wrote an error report" in rank_failure("score", errors, RuntimeError("code 1"), ranks=2)
+
+
+def test_settings_from_the_environment_that_are_not_whole_numbers_name_the_variable(tmp_path, monkeypatch):
+    """They raised a bare ValueError (ZeroDivisionError for 0 ranks), at definitions load for the step GPUs."""
+    from feedpipe.defs.launchers import env_int
+
+    launcher = LauncherResource(artifacts=ArtifactsResource(root=str(tmp_path)))
+    for value in ("0", "two", "-1"):
+        monkeypatch.setenv("FEEDPIPE_NPROC_PER_NODE", value)
+        with pytest.raises(dg.Failure, match=rf"\$FEEDPIPE_NPROC_PER_NODE must be a whole number of at least 1, got '{value}'"):
+            launcher.ranks
+    monkeypatch.setenv("FEEDPIPE_NPROC_PER_NODE", "")  # a Helm value left blank: the default
+    assert launcher.ranks == 2
+    monkeypatch.setenv("FEEDPIPE_NPROC_PER_NODE", " 4 ")
+    assert launcher.ranks == 4
+    monkeypatch.setenv("FEEDPIPE_K8S_POD_GPUS", "all")
+    with pytest.raises(dg.Failure, match=r"\$FEEDPIPE_K8S_POD_GPUS"):
+        launcher.pod_gpus
+    monkeypatch.setenv("FEEDPIPE_K8S_STEP_GPUS", "one")
+    with pytest.raises(dg.Failure, match=r"\$FEEDPIPE_K8S_STEP_GPUS must be a whole number of at least 0"):
+        env_int("FEEDPIPE_K8S_STEP_GPUS", 1, 0)
+    odd = LauncherResource(artifacts=ArtifactsResource(root=str(tmp_path)), nproc_per_node=2, cpu_request="2Gi")
+    with pytest.raises(dg.Failure, match=r"cpu_request must be a Kubernetes CPU quantity.*'2Gi'"):
+        odd.rank_env_for_pod()
+    assert LauncherResource(artifacts=ArtifactsResource(root=str(tmp_path)), nproc_per_node=2,
+                            cpu_request="3500m").rank_env_for_pod() == {"OMP_NUM_THREADS": "1"}
+
+
+def test_a_launch_removes_the_scratch_a_killed_step_left_and_keeps_a_live_ones(tmp_path):
+    """A step killed by SIGKILL or the OOM killer never ran its clean-up: its copy of the examples stayed for good."""
+    import os
+    import time
+
+    from feedpipe.defs.ingest import STALE_SPOOL_SECONDS
+
+    dead = tmp_path / "scratch" / "dead-run"
+    (dead / "dlrm_model").mkdir(parents=True)
+    (dead / "dlrm_model" / "examples.parquet").write_bytes(b"x" * 100)
+    old = time.time() - STALE_SPOOL_SECONDS - 60
+    os.utime(dead, (old, old))
+    live = tmp_path / "scratch" / "live-run" / "pair_scores"
+    live.mkdir(parents=True)
+    launcher = LauncherResource(artifacts=ArtifactsResource(root=str(tmp_path)))
+    seen = []
+
+    @dg.asset
+    def step(context: dg.AssetExecutionContext, launcher: LauncherResource) -> None:
+        with launcher._scratch(context) as d:
+            seen.append(d.is_dir())
+
+    assert dg.materialize([step], resources={"launcher": launcher}).success
+    assert seen == [True] and not dead.exists() and live.is_dir()

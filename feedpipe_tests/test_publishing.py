@@ -457,3 +457,24 @@ def test_a_publisher_frozen_inside_a_transaction_is_ended_by_the_server_and_free
             frozen.execute("SELECT 1")
     finally:
         frozen.close()
+
+
+def test_a_copy_the_server_counts_short_is_never_served(pg_url, monkeypatch):
+    """The server's own row count of the COPY was only compared after the switch (a non-blocking check): a version
+    with rows missing was already what readers saw."""
+    from feedpipe import publishing
+
+    served = publish_feed(pg_url, grid_feed(4, 3, tag="-v0"), feed_date=DAY, model_version="m0")
+    real_load = publishing._load
+
+    def short_load(*args, **kwargs):
+        copy_s, index_s, loaded = real_load(*args, **kwargs)
+        return copy_s, index_s, loaded - 1  # as if the encoder had dropped a row
+
+    monkeypatch.setattr(publishing, "_load", short_load)
+    with pytest.raises(PublishError, match=r"stored 11 of the 12 feed rows"):
+        publish_feed(pg_url, grid_feed(4, 3, tag="-v1"), feed_date=DAY + dt.timedelta(days=1), model_version="m1")
+    with connect(pg_url) as conn:
+        assert current_version(conn)["version"] == served.version
+        assert [p for p, _, _ in read_feed(conn, "c1")] == ["p0-v0", "p1-v0", "p2-v0"]
+        assert [v["status"] for v in list_versions(conn) if v["version"] != served.version] == ["failed"]

@@ -154,3 +154,35 @@ def test_a_named_database_variable_that_is_unset_fails_instead_of_falling_back(m
     monkeypatch.setenv("SHOP_FEED_DB_URL", "postgresql://u@prod-db/feeds")
     assert DatabaseResource(url_env_var="SHOP_FEED_DB_URL").url() == "postgresql://u@prod-db/feeds"
     assert DatabaseResource().url() == "postgresql://u@staging-db/feeds"
+
+
+def test_a_url_given_where_a_variable_name_belongs_is_refused_without_repeating_it(monkeypatch, tmp_path):
+    """`url_env_var: {env: SHOP_FEED_DB_URL}` (Dagster's way with secrets) hands the resource the URL itself; the
+    message quoted it, password and all, into the console and the run's stored events. The same for the input
+    config's `url_env`."""
+    from feedpipe.defs.resources import DatabaseResource
+    from feedpipe.input_config import InputConfigError, load_input_config
+
+    secret = "postgresql://feed:S3cretPw@db.internal:5432/feeds"
+    monkeypatch.setenv("SHOP_FEED_DB_URL", secret)
+    result = dg.materialize(
+        [_uses_database], resources={"database": DatabaseResource(url_env_var=dg.EnvVar("SHOP_FEED_DB_URL"))},
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+    )
+    (failure,) = result.get_step_failure_events()
+    message = failure.step_failure_data.error.message
+    assert "NAME of an environment variable" in message and "S3cretPw" not in message
+    stored = [str(e) for e in result.all_events]
+    assert not [e for e in stored if "S3cretPw" in e]
+
+    config = tmp_path / "input.yaml"
+    config.write_text(f"source:\n  postgres:\n    url_env: '{secret}'\n    transactions: {{table: orders}}\n"
+                      "    customers: {table: customers}\n    products: {table: products}\n")
+    with pytest.raises(InputConfigError, match="not the URL itself") as err:
+        load_input_config(config)
+    assert "S3cretPw" not in str(err.value)
+
+
+@dg.asset(required_resource_keys={"database"})
+def _uses_database(context) -> None:
+    context.resources.database.url()

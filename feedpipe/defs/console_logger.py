@@ -30,12 +30,21 @@ def _is_explained_failure(record: logging.LogRecord) -> bool:
     """The event carries a `dg.Failure`: raised on purpose, with a message meant for whoever reads the log."""
     event = (getattr(record, "dagster_meta", None) or {}).get("dagster_event")
     error = getattr(getattr(event, "event_specific_data", None), "error", None)
-    return getattr(error, "cls_name", None) == "Failure"
+    return getattr(error, "cls_name", None) in _EXPLAINED
+
+
+# A failed blocking check is an outcome with its own message too (which check, on which asset), not a bug.
+_EXPLAINED = ("Failure", "DagsterAssetCheckFailedError")
+# Checked when a run is launched: an unknown level failed the logger's start, with a traceback, and left the
+# run NOT_STARTED in the run history for good. Either case, as Dagster's own console logger takes it.
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVEL = dg.Enum("ConsoleLogLevel", [dg.EnumValue(v) for level in _LEVELS for v in (level, level.lower())])
 
 
 @dg.logger(
     {
-        "log_level": dg.Field(str, is_required=False, default_value="INFO", description="The logger's threshold."),
+        "log_level": dg.Field(LOG_LEVEL, is_required=False, default_value="INFO",
+                              description=f"The logger's threshold: one of {', '.join(_LEVELS)} (either case)."),
         "name": dg.Field(str, is_required=False, default_value="dagster", description="The logger's name."),
     },
     description="Console logger that prints failures' messages without their stack traces.",

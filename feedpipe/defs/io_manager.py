@@ -9,6 +9,7 @@ An asset that wrote its table to Parquet itself, a chunk at a time (transactions
 # no `from __future__ import annotations`: Dagster reads the resource fields' annotations as types
 
 import contextlib
+import glob
 import importlib
 import os
 import shutil
@@ -20,6 +21,9 @@ import polars as pl
 
 from feedpipe.defs.resources import ArtifactsResource
 from feedpipe.spooled_load import SpooledParquet
+
+
+SET_ASIDE_SUFFIX = ".old.tmp"
 
 
 def _key_path(context: dg.OutputContext | dg.InputContext, root: Path) -> Path:
@@ -50,12 +54,14 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             tmp = base.with_name(f"{base.name}.{unique}.tmp")
             obj.save(tmp)
             (tmp / "_class").write_text(f"{type(obj).__module__}:{type(obj).__qualname__}")
-            # Out of the way by a rename, not deleted first: the old directory is never half gone.
-            old = base.with_name(f"{base.name}.{unique}.old.tmp")
+            # Out of the way by a rename, not deleted first: the old directory is never half gone, and a reader
+            # (or a process killed between the two renames) finds it set aside (`_set_aside_versions`).
+            old = base.with_name(f"{base.name}.{unique}{SET_ASIDE_SUFFIX}")
             with contextlib.suppress(FileNotFoundError):
                 base.rename(old)
             tmp.rename(base)
-            shutil.rmtree(old, ignore_errors=True)
+            for superseded in (old, *_set_aside_versions(base)):  # this one's and any a killed write left
+                shutil.rmtree(superseded, ignore_errors=True)
             context.add_output_metadata({"path": dg.MetadataValue.path(str(base))})
             return
         raise TypeError(f"ArtifactIOManager cannot store {type(obj).__name__}")
@@ -64,10 +70,21 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         base = _key_path(context, self.artifacts.path())
         if base.with_suffix(".parquet").exists():
             return pl.read_parquet(base.with_suffix(".parquet"))
-        if (base / "_class").exists():
-            module, name = (base / "_class").read_text().split(":")
-            return getattr(importlib.import_module(module), name).load(base)
+        for directory in (base, *_set_aside_versions(base)):
+            if (directory / "_class").exists():
+                module, name = (directory / "_class").read_text().split(":")
+                return getattr(importlib.import_module(module), name).load(directory)
         raise FileNotFoundError(f"no stored value for {context.asset_key.to_user_string()} at {base}")
+
+
+def _set_aside_versions(base: Path) -> list[Path]:
+    """Earlier versions of the object directory `base` moved aside by writes that have not (or never) put their
+    own in place, newest first."""
+    found = []
+    for path in base.parent.glob(f"{glob.escape(base.name)}.*{SET_ASIDE_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):  # its write finished and removed it meanwhile
+            found.append((path.stat().st_mtime, path))
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def latest_partition_before(root: Path, asset: str, partition: str) -> Path | None:

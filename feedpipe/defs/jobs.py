@@ -1,4 +1,5 @@
-"""The nightly job and its 02:00 schedule."""
+"""The nightly job and its 02:00 UTC schedule (feed dates are UTC days: `contract.utc_today`, and the
+partitions' own timezone, which the schedule keeps)."""
 
 import dagster as dg
 

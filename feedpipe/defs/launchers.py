@@ -31,6 +31,7 @@ import polars as pl
 from pydantic import Field
 
 from feedpipe.database import feedpipe_home
+from feedpipe.defs.ingest import sweep_spool
 from feedpipe.defs.resources import ArtifactsResource
 from feedpipe.training import EpochStats, TrainConfig, TrainedModel, TrainResult
 from feedpipe.vocabularies import Vocabularies
@@ -65,10 +66,25 @@ def k8s_step_tags(gpus: int, image: str = "") -> dict:
     }
 
 
+SCRATCH_DIR = "scratch"  # under the artifacts root: <run id>/<asset>/, one folder per launched step
+
+
+def env_int(name: str, default: int, minimum: int) -> int:
+    """An integer setting from the environment; unset or empty (a Helm value left blank): `default`."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise dg.Failure(f"${name} must be a whole number of at least {minimum}, got {raw!r}")
+    return value
+
+
 # Read when the code location loads the definitions (the op tags are part of the definition).
-GPU_STEP_TAGS = k8s_step_tags(
-    int(os.environ.get("FEEDPIPE_K8S_STEP_GPUS", "1")), os.environ.get("FEEDPIPE_K8S_GPU_IMAGE", "")
-)
+GPU_STEP_TAGS = k8s_step_tags(env_int("FEEDPIPE_K8S_STEP_GPUS", 1, 0), os.environ.get("FEEDPIPE_K8S_GPU_IMAGE", ""))
 
 
 # What a rank reports when another rank died first: an effect, listed after the causes.
@@ -98,11 +114,11 @@ class LauncherResource(dg.ConfigurableResource):
 
     artifacts: ArtifactsResource  # configured at launch and shared: definitions.build_resources
     mode: str = Field(default="", description=f"One of {LAUNCH_MODES}; empty: ${LAUNCHER_ENV}, else in_process.")
-    nproc_per_node: int = Field(default=0, description="torchrun ranks per machine (torchrun) or pod (kubernetes), one per GPU on GPU nodes; 0: $FEEDPIPE_NPROC_PER_NODE, else 2.")
-    threads_per_rank: int = Field(default=0, description="OMP_NUM_THREADS per rank; 0: CPU cores / ranks.")
+    nproc_per_node: int = Field(default=0, ge=0, description="torchrun ranks per machine (torchrun) or pod (kubernetes), one per GPU on GPU nodes; 0: $FEEDPIPE_NPROC_PER_NODE, else 2.")
+    threads_per_rank: int = Field(default=0, ge=0, description="OMP_NUM_THREADS per rank; 0: CPU cores / ranks.")
     image: str = Field(default="", description="kubernetes: image of the pod (deploy/Dockerfile.cuda or .cpu); empty: $FEEDPIPE_K8S_GPU_IMAGE.")
     namespace: str = Field(default="", description="kubernetes: namespace of the pod; empty: the current one.")
-    gpus_per_pod: int = Field(default=-1, description="kubernetes: nvidia.com/gpu requested by the pod; -1: $FEEDPIPE_K8S_POD_GPUS, else 0.")
+    gpus_per_pod: int = Field(default=-1, ge=-1, description="kubernetes: nvidia.com/gpu requested by the pod; -1: $FEEDPIPE_K8S_POD_GPUS, else 0.")
     cpu_request: str = Field(default="4", description="kubernetes: CPU request of the pod.")
     memory_request: str = Field(default="16Gi", description="kubernetes: memory request (and limit) of the pod; see deploy/capacity.md.")
     artifacts_claim: str = Field(default="", description="kubernetes: PersistentVolumeClaim holding the artifacts root; empty: $FEEDPIPE_K8S_ARTIFACTS_CLAIM.")
@@ -122,7 +138,7 @@ class LauncherResource(dg.ConfigurableResource):
     # on the code location (deploy/helm/values.yaml); a resource built in code sets them directly.
     @property
     def ranks(self) -> int:
-        return self.nproc_per_node or int(os.environ.get("FEEDPIPE_NPROC_PER_NODE", "2"))
+        return self.nproc_per_node or env_int("FEEDPIPE_NPROC_PER_NODE", 2, 1)
 
     @property
     def pod_image(self) -> str:
@@ -139,7 +155,7 @@ class LauncherResource(dg.ConfigurableResource):
 
     @property
     def pod_gpus(self) -> int:
-        return self.gpus_per_pod if self.gpus_per_pod >= 0 else int(os.environ.get("FEEDPIPE_K8S_POD_GPUS", "0"))
+        return self.gpus_per_pod if self.gpus_per_pod >= 0 else env_int("FEEDPIPE_K8S_POD_GPUS", 0, 0)
 
     # -- the jobs --------------------------------------------------------------------------------
     def train(
@@ -231,8 +247,11 @@ class LauncherResource(dg.ConfigurableResource):
     @contextlib.contextmanager
     def _scratch(self, context: dg.AssetExecutionContext) -> Iterator[Path]:
         """The job's folder on the shared volume, removed afterwards whether the job worked or not:
-        a failed run must not leave a copy of the training examples behind."""
-        d = self.artifacts.path("scratch", context.run_id, context.asset_key.path[-1])
+        a failed run must not leave a copy of the training examples behind (and one killed before it could
+        remove its own is removed by a later launch, once stale as the spool's entries are)."""
+        for stale in sweep_spool(self.artifacts.path(SCRATCH_DIR)):  # what steps killed (SIGKILL, OOM) left
+            context.log.warning(f"removed {stale}, left in the launchers' scratch by a step that did not finish")
+        d = self.artifacts.path(SCRATCH_DIR, context.run_id, context.asset_key.path[-1])
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         try:
@@ -309,8 +328,12 @@ class LauncherResource(dg.ConfigurableResource):
         )
 
     def rank_env_for_pod(self) -> dict[str, str]:
-        cpu = self.cpu_request
-        cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)  # Kubernetes CPU quantity
+        cpu = self.cpu_request.strip()
+        try:  # a Kubernetes CPU quantity: cores ("4", "0.5") or millicores ("500m")
+            cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+        except ValueError:
+            raise dg.Failure(f"launcher cpu_request must be a Kubernetes CPU quantity such as 4, 0.5 or 500m, "
+                             f"got {self.cpu_request!r}") from None
         threads = self.threads_per_rank or max(1, int(cores) // self.ranks)
         return {"OMP_NUM_THREADS": str(threads)}
 
