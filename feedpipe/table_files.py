@@ -114,6 +114,11 @@ def read_schema(stored: StoredTable) -> pl.Schema:
             # The header alone, through the csv module: it sees duplicate names (polars renames them) and a BOM. Lines
             # are decoded one at a time, so a data line that is not UTF-8 is left to the row checks.
             with path.open("rb") as f:
+                start = f.read(1 << 16)
+                if b"\r" in start.rstrip(b"\r") and b"\n" not in start:
+                    raise InputError(f"{stored}: its lines end in a bare carriage return (CR, as old Mac OS wrote "
+                                     "them); save it with LF or CRLF line endings")
+                f.seek(0)
                 lines = (line.decode("utf-8-sig" if i == 0 else "utf-8") for i, line in enumerate(f))
                 header = next(csv.reader(lines), None)
             if header is None:

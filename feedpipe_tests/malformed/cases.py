@@ -192,6 +192,10 @@ CASES: list[Case] = [
     Case("blank_line_before_the_header", "csv",
          then(with_set("csv"), lambda d: write_bytes(d, "customers.csv", b"\n" + (d / "customers.csv").read_bytes())),
          Fatal("customers.csv", None, r"the first line is blank")),
+    Case("bare_cr_line_endings", "csv",  # polars reads the whole file as one header line of many columns
+         then(with_set("csv"), lambda d: write_bytes(d, "customers.csv",
+                                                    (d / "customers.csv").read_bytes().replace(b"\n", b"\r"))),
+         Fatal("customers.csv", None, r"bare carriage return")),
     Case("zero_byte_customers", "csv", then(with_set("csv"), lambda d: write_bytes(d, "customers.csv", b"")),
          Fatal("customers.csv", None, r"empty file")),
     Case("semicolon_delimiter", "csv",
