@@ -158,13 +158,30 @@ def _op_config(ops: dict, asset: str) -> dict | None:
 
 def _cross_asset_problems(ops: dict) -> list[str]:
     """Bounds between two assets' configs, which neither class can check alone."""
+    from feedpipe.defs.evaluation import EvaluationConfig
     from feedpipe.defs.feed import FeedConfig, ScoringConfig
 
-    k = (_op_config(ops, "ranked_feed") or {}).get("k", FeedConfig.model_fields["k"].default)
-    top_n = (_op_config(ops, "pair_scores") or {}).get("top_n", ScoringConfig.model_fields["top_n"].default)
-    if isinstance(k, int) and isinstance(top_n, int) and k > top_n:
-        return [f"  ranked_feed.k: {k} is more than pair_scores.top_n ({top_n}): the feed would be cut at {top_n}"]
-    return []
+    def setting(asset, config_class, name):
+        value = (_op_config(ops, asset) or {}).get(name, config_class.model_fields[name].default)
+        return value if isinstance(value, int) else None  # a wrong type is the config class's to report
+
+    k = setting("ranked_feed", FeedConfig, "k")
+    top_n = setting("pair_scores", ScoringConfig, "top_n")
+    evaluated_k = setting("model_evaluation", EvaluationConfig, "k")
+    problems = []
+    if k is not None and top_n is not None and k > top_n:
+        problems.append(f"  ranked_feed.k: {k} is more than pair_scores.top_n ({top_n}): the feed would be cut at "
+                        f"{top_n}")
+    if k is not None and evaluated_k is not None and k != evaluated_k:
+        problems.append(f"  model_evaluation.k: {evaluated_k} is not ranked_feed.k ({k}): the gate would judge a "
+                        "feed of another length than the one published; set both")
+    for name in ("exclude_purchased", "exclude_window_days"):  # the gate judges the feed's own exclusions
+        scored = (_op_config(ops, "pair_scores") or {}).get(name, ScoringConfig.model_fields[name].default)
+        evaluated = (_op_config(ops, "model_evaluation") or {}).get(name, EvaluationConfig.model_fields[name].default)
+        if scored != evaluated:
+            problems.append(f"  model_evaluation.{name}: {evaluated!r} is not pair_scores.{name} ({scored!r}): the "
+                            "gate would judge other exclusions than the feed's; set both")
+    return problems
 
 
 def _config_class(node):
@@ -382,7 +399,7 @@ def cmd_report(args) -> int:
         "model_version": version["model_version"],
         "rows": version["rows"],
         "customers": version["customers"],
-        "published_at": str(version.get("published_at")),
+        "published_at": None if version.get("published_at") is None else str(version["published_at"]),
     }
     artifacts = Path(args.artifacts).resolve() if args.artifacts else feedpipe_home() / "artifacts"
     ev_dir = artifacts / "evaluations" / version["model_version"]
@@ -393,6 +410,7 @@ def cmd_report(args) -> int:
             name: {m: metrics[m] for m in ("recall", "ndcg", "map", "hit_rate", "coverage") if m in metrics}
             for name, metrics in ev.ranking.items()
         }}
+        report["ranking"].setdefault("lightgbm", None)  # turned off in model_evaluation's config: said, not left out
     else:
         report["model"] = None
         report["ranking"] = None
@@ -409,8 +427,9 @@ def cmd_report(args) -> int:
     k = report["ranking"]["k"]
     print(f"  {'ranker':<12} {'recall@' + str(k):>10} {'ndcg@' + str(k):>10} {'map@' + str(k):>10} {'hit@' + str(k):>10} {'coverage':>10}")
     for name, m in report["ranking"].items():
-        if isinstance(m, dict):
-            print(f"  {name:<12} {m['recall']:>10.4f} {m['ndcg']:>10.4f} {m['map']:>10.4f} {m['hit_rate']:>10.4f} {m.get('coverage', float('nan')):>10.4f}")
+        if isinstance(m, dict):  # k and customers are not rankers; a ranker turned off is None
+            cells = " ".join(f"{m.get(key, float('nan')):>10.4f}" for key in ("recall", "ndcg", "map", "hit_rate", "coverage"))
+            print(f"  {name:<12} {cells}")
     return 0
 
 

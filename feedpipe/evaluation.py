@@ -49,13 +49,13 @@ _FILLER = -1e8
 
 
 def ranking_metrics(ranking: pl.DataFrame, holdout: pl.DataFrame, k: int, catalogue_size: int | None = None) -> dict:
-    """recall, NDCG, MAP and hit rate @k from torchmetrics' retrieval metrics, plus catalogue coverage.
+    """recall, NDCG and hit rate @k from torchmetrics' retrieval metrics, MAP@k, and catalogue coverage.
 
     One retrieval group per customer in `holdout`; its candidates are the customer's top k plus every
     product first bought in the holdout. Customers absent from the ranking score zero.
     """
     import torch
-    from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP, RetrievalNormalizedDCG, RetrievalRecall
+    from torchmetrics.retrieval import RetrievalHitRate, RetrievalNormalizedDCG, RetrievalRecall
 
     if holdout.is_empty():
         nan = float("nan")
@@ -84,11 +84,33 @@ def ranking_metrics(ranking: pl.DataFrame, holdout: pl.DataFrame, k: int, catalo
     for name, metric in (
         ("recall", RetrievalRecall(top_k=k)),
         ("ndcg", RetrievalNormalizedDCG(top_k=k)),
-        ("map", RetrievalMAP(top_k=k)),
         ("hit_rate", RetrievalHitRate(top_k=k)),
     ):
         out[name] = float(metric(preds, target, indexes=indexes))
+    out["map"] = mean_average_precision(top, truth, k)
     if catalogue_size:
         out["coverage"] = ranking.filter(pl.col(RANK) <= k).get_column(PRODUCT_ID).n_unique() / catalogue_size
     out["customers"] = truth.get_column(CUSTOMER_ID).n_unique()
     return out
+
+
+def mean_average_precision(top: pl.DataFrame, truth: pl.DataFrame, k: int) -> float:
+    """MAP@k: per customer, the precision at each hit in the top k, summed and divided by min(k, relevant).
+
+    By hand because torchmetrics' `RetrievalMAP(top_k=k)` divides by the hits it found instead, so one hit at
+    rank 1 among five relevant products scores 1.0 where this (and the usual AP@k) scores 0.2. `top` holds
+    each customer's ranked products (rank 1 first, as `pred` = -rank), `truth` the relevant pairs.
+    """
+    hits = (
+        top.join(truth, on=[CUSTOMER_ID, PRODUCT_ID], how="semi")
+        .sort(CUSTOMER_ID, "pred", descending=[False, True])
+        .with_columns(pl.int_range(1, pl.len() + 1).over(CUSTOMER_ID).alias("nth"))
+        .group_by(CUSTOMER_ID)
+        .agg((pl.col("nth") / -pl.col("pred")).sum().alias("precision_sum"))
+    )
+    per_customer = (
+        truth.group_by(CUSTOMER_ID).agg(pl.len().alias("relevant"))
+        .join(hits, on=CUSTOMER_ID, how="left")
+        .select(pl.col("precision_sum").fill_null(0.0) / pl.min_horizontal(pl.col("relevant"), pl.lit(k)))
+    )
+    return float(per_customer.to_series().mean())

@@ -21,6 +21,7 @@ MOVIELENS_RUN_CONFIG = """\
 ops:
   training_examples: {config: {window_days: 9000, validation_days: 365}}
   dlrm_model: {config: {min_validation_auc: 0.55}}
+  model_evaluation: {config: {exclude_window_days: 9000}}  # the feed's exclusions, as pair_scores'
   pair_scores: {config: {exclude_window_days: 9000}}
 """
 

@@ -61,11 +61,19 @@ def served_version(conn: psycopg.Connection) -> dict | None:
 
 def version_rows(conn: psycopg.Connection, version: int) -> int:
     """Rows in a published version's table, counted in the database."""
+    return version_counts(conn, version)[0]
+
+
+def version_counts(conn: psycopg.Connection, version: int) -> tuple[int, int]:
+    """(rows, distinct customers) in a published version's table, counted in the database."""
     found = conn.execute(sql.SQL("SELECT table_name FROM {} WHERE version = %s").format(qualified(VERSIONS_TABLE)),
                          [version]).fetchone()
     if found is None:
         raise LookupError(f"no feed version {version}")
-    return int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(qualified(found[0]))).fetchone()[0])
+    rows, customers = conn.execute(
+        sql.SQL("SELECT count(*), count(DISTINCT customer_id) FROM {}").format(qualified(found[0]))
+    ).fetchone()
+    return int(rows), int(customers)
 
 
 def read_feed(conn: psycopg.Connection, customer_id: str, limit: int | None = None) -> list[tuple[str, int, float]]:

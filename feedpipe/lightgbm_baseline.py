@@ -3,8 +3,9 @@
 Single-valued categoricals (ids included) go in as LightGBM categorical features (their vocabulary
 indices), dense features as they are, and multi-valued bags as multi-hot columns when the
 vocabulary is small (a bag over thousands of values would be thousands of columns; those are
-skipped and counted). Ranking scores customers x products in chunks of customers and keeps each
-customer's top N with numpy's argpartition, so memory is bounded by the chunk.
+skipped, and named in the evaluation's notes). Ranking scores customers x products in chunks of
+customers and keeps each customer's top N, ties broken by catalogue order as the other rankers break
+them, so memory is bounded by the chunk.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ class LightGBMRanker:
     specs: list[FeatureSpec]
     sizes: dict[str, int]
     best_iteration: int
+    rounds: int  # the most it was allowed: best_iteration below it means early stopping ended it
+    skipped: tuple[str, ...] = ()  # multi-valued features over MAX_MULTI_HOT values, left out
+
+    def describe(self) -> str:
+        stopped = ("early-stopped on the validation split" if self.best_iteration < self.rounds
+                   else f"all {self.rounds} rounds: the validation loss was still falling")
+        left_out = f"; left out, over {MAX_MULTI_HOT} values: {', '.join(self.skipped)}" if self.skipped else ""
+        return f"lightgbm: {self.best_iteration} trees ({stopped}){left_out}"
 
 
 def _feature_columns(frame: pl.DataFrame, specs: list[FeatureSpec], sizes: dict[str, int]) -> tuple[pl.DataFrame, list[str]]:
@@ -88,7 +97,9 @@ def train_lightgbm(
         params, train_set, num_boost_round=num_boost_round, valid_sets=[valid_set],
         callbacks=[lgb.early_stopping(20, verbose=False)],
     )
-    return LightGBMRanker(booster, x_train.columns, categorical, specs, sizes, booster.best_iteration or num_boost_round)
+    skipped = tuple(feature_key(s) for s in specs if s.role == MULTI_CATEGORICAL and sizes[feature_key(s)] > MAX_MULTI_HOT)
+    return LightGBMRanker(booster, x_train.columns, categorical, specs, sizes,
+                          booster.best_iteration or num_boost_round, num_boost_round, skipped)
 
 
 def lightgbm_ranking(
@@ -116,7 +127,7 @@ def lightgbm_ranking(
         if hi > lo:
             lengths = (ex.offsets[start + 1 : start + block.height + 1] - ex.offsets[start : start + block.height]).numpy()
             scores[np.repeat(np.arange(block.height), lengths), ex.values[lo:hi].numpy()] = -np.inf
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top = _top_k_columns(scores, k)
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
         rows_out.append(np.take_along_axis(top, order, axis=1))
@@ -136,11 +147,33 @@ def lightgbm_ranking(
     )
 
 
-def oracle_ranking(truth: pl.DataFrame, customer_ids: pl.Series, *, top_n: int, exclude: pl.DataFrame | None = None) -> pl.DataFrame:
-    """The data generator's true scores ranked the same way (demo data only): the ceiling."""
+def _top_k_columns(scores: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k best columns in column order, ties at the k-th score going to the first columns.
+
+    argpartition alone picks among tied scores (trees give many) as its partitioning happens to leave them."""
+    n = scores.shape[1]
+    kth = np.partition(scores, n - k, axis=1)[:, n - k : n - k + 1]
+    above, tied = scores > kth, scores == kth
+    take = above | (tied & (np.cumsum(tied, axis=1) <= k - above.sum(axis=1, keepdims=True)))
+    return np.nonzero(take)[1].reshape(scores.shape[0], k)
+
+
+def oracle_ranking(
+    truth: pl.DataFrame,
+    customer_ids: pl.Series,
+    *,
+    top_n: int,
+    exclude: pl.DataFrame | None = None,
+    product_ids: pl.Series | None = None,
+) -> pl.DataFrame:
+    """The data generator's true scores ranked the same way (demo data only): the ceiling.
+
+    `product_ids` is the catalogue the other rankers rank: truth also holds products the loader rejected."""
     t = truth.with_columns(pl.col(CUSTOMER_ID).cast(pl.Utf8), pl.col(PRODUCT_ID).cast(pl.Utf8)).join(
         customer_ids.to_frame(CUSTOMER_ID), on=CUSTOMER_ID, how="semi"
     )
+    if product_ids is not None:
+        t = t.join(product_ids.cast(pl.Utf8).to_frame(PRODUCT_ID), on=PRODUCT_ID, how="semi")
     if exclude is not None and not exclude.is_empty():
         t = t.join(exclude.select(CUSTOMER_ID, PRODUCT_ID), on=[CUSTOMER_ID, PRODUCT_ID], how="anti")
     return (

@@ -2,10 +2,14 @@
 data) the generator's oracle, on the held-out days of the training examples.
 
 The split comes from the examples themselves: training-split positives are the purchases before
-the holdout (and the exclusions), test-split positives are the products first bought in the holdout
-by the half of the customers no ranker early-stopped on (training_examples: `validation` is the
-other half). So the evaluation can never drift from the split the model was trained on, and no
-ranker is judged on the examples it was tuned on.
+the holdout (popularity's counts, and which customers have history), test-split positives are the
+products first bought in the holdout by the half of the customers no ranker early-stopped on
+(training_examples: `validation` is the other half). So the evaluation can never drift from the
+split the model was trained on, and no ranker is judged on the examples it was tuned on.
+
+Every ranker leaves out what a feed published on the first held-out day would hide (the asset passes
+the purchases of the feed's exclusion window before that day), and a product it hides is no positive:
+a hit on it would be one the real feed could never score.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -23,6 +28,9 @@ from feedpipe.evaluation import evaluation_customers, ranking_metrics
 from feedpipe.ranking import model_ranking, popularity_ranking
 from feedpipe.training import TrainedModel
 from feedpipe.training_examples import LABEL, SPLIT, TEST, TRAIN
+
+if TYPE_CHECKING:
+    import torch
 
 RANKERS = ("dlrm", "popularity", "lightgbm", "oracle")
 
@@ -75,15 +83,21 @@ def evaluate_rankers(
     truth: pl.DataFrame | None = None,
     with_lightgbm: bool = True,
     seed: int = 0,
+    held_out: HeldOut | None = None,
+    exclude: pl.DataFrame | None,
 ) -> ModelEvaluation:
+    """Every ranker's top k for the test half's customers with history, `exclude` (the pairs the feed would hide;
+    None: nothing) left out of each, against their new purchases in the held-out days that the feed could show."""
     train, held = split_pairs(examples)
+    if exclude is not None:  # bought again within the feed's exclusion window: no ranker may show it
+        held = held.join(exclude.select(CUSTOMER_ID, PRODUCT_ID), on=[CUSTOMER_ID, PRODUCT_ID], how="anti")
     ids = sample_customers(train, held, max_customers, seed)
     held = held.join(ids.to_frame(), on=CUSTOMER_ID, how="semi")
     eval_customers = customers.join(ids.to_frame(), on=CUSTOMER_ID, how="semi")
     n_products = products.height
     rankings = {
-        "dlrm": model_ranking(trained, eval_customers, products, top_n=k, exclude=train),
-        "popularity": popularity_ranking(train, ids, top_n=k, exclude=train),
+        "dlrm": model_ranking(trained, eval_customers, products, top_n=k, exclude=exclude),
+        "popularity": popularity_ranking(train, ids, top_n=k, exclude=exclude),
     }
     notes = []
     if with_lightgbm:
@@ -97,14 +111,15 @@ def evaluate_rankers(
             encode_table(eval_customers, CUSTOMER_ID, voc.customer_specs, voc),
             encode_table(products, PRODUCT_ID, voc.product_specs, voc),
             top_n=k,
-            exclude=train,
+            exclude=exclude,
         )
-        notes.append(f"lightgbm: {ranker.best_iteration} trees (early-stopped on the validation split)")
+        notes.append(ranker.describe())
     if truth is not None:
         from feedpipe.lightgbm_baseline import oracle_ranking
 
-        rankings["oracle"] = oracle_ranking(truth, ids, top_n=k, exclude=train)
-    logloss, auc = held_out_loss_and_auc(trained, examples)
+        rankings["oracle"] = oracle_ranking(truth, ids, top_n=k, exclude=exclude,
+                                            product_ids=products.get_column(PRODUCT_ID))
+    logloss, auc = (held_out or HeldOut.of(trained, examples)).loss_and_auc()
     return ModelEvaluation(
         model_version=trained.version,
         k=k,
@@ -115,31 +130,35 @@ def evaluate_rankers(
     )
 
 
-def held_out_loss_and_auc(trained: TrainedModel, examples: pl.DataFrame) -> tuple[float, float]:
-    """Log loss and AUC on the test split: held-out days of customers the model was not early-stopped on."""
-    from feedpipe.training import loss_and_auc
+@dataclass(frozen=True)
+class HeldOut:
+    """The model's logits on the test split (held-out days of customers it was not early-stopped on), with labels:
+    one forward pass for the evaluation's AUC and log loss and for the histogram."""
 
-    logits, labels = _held_out_logits(trained, examples)
-    return loss_and_auc(logits, labels) if labels.numel() else (math.nan, math.nan)
+    logits: torch.Tensor
+    labels: torch.Tensor
 
+    @classmethod
+    def of(cls, trained: TrainedModel, examples: pl.DataFrame) -> "HeldOut":
+        import torch
 
-def held_out_scores(trained: TrainedModel, examples: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted probabilities on the test split: (positives, negatives), for the histogram."""
-    import torch
+        from feedpipe.training import example_tensors, forward_examples
 
-    logits, labels = _held_out_logits(trained, examples)
-    probs, positive = torch.sigmoid(logits).numpy(), labels.numpy() == 1.0
-    return probs[positive], probs[~positive]
+        data = example_tensors(examples.filter(pl.col(SPLIT) == TEST), trained.customer_specs, trained.product_specs)
+        trained.model.eval()
+        with torch.no_grad():
+            rows = torch.arange(data.num_rows).split(16384)
+            batches = [forward_examples(trained.model, data, r) for r in rows]
+        return cls(torch.cat(batches) if batches else torch.zeros(0), data.labels)
 
+    def loss_and_auc(self) -> tuple[float, float]:
+        from feedpipe.training import loss_and_auc
 
-def _held_out_logits(trained: TrainedModel, examples: pl.DataFrame):
-    """(logits, labels) of the test split's examples, through the model's forward in 16k-row batches."""
-    import torch
+        return loss_and_auc(self.logits, self.labels) if self.labels.numel() else (math.nan, math.nan)
 
-    from feedpipe.training import example_tensors, forward_examples
+    def probabilities(self) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted probabilities of (positives, negatives)."""
+        import torch
 
-    data = example_tensors(examples.filter(pl.col(SPLIT) == TEST), trained.customer_specs, trained.product_specs)
-    trained.model.eval()
-    with torch.no_grad():
-        batches = [forward_examples(trained.model, data, rows) for rows in torch.arange(data.num_rows).split(16384)]
-    return (torch.cat(batches) if batches else torch.zeros(0)), data.labels
+        probs, positive = torch.sigmoid(self.logits).numpy(), self.labels.numpy() == 1.0
+        return probs[positive], probs[~positive]

@@ -47,4 +47,4 @@ def score_histogram(positive: np.ndarray, negative: np.ndarray) -> str:
     ax.hist(positive, bins=bins, alpha=0.6, density=True, label="held-out purchases")
     ax.set_xlabel("predicted probability")
     ax.legend()
-    return png_markdown(fig, "Validation score distribution")
+    return png_markdown(fig, "Held-out score distribution (the test half)")

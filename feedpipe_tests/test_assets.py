@@ -1,5 +1,6 @@
 """Each asset materialized on its own (upstream values loaded from the IO manager), on tiny demo data."""
 
+import re
 from datetime import date
 
 import dagster as dg
@@ -118,8 +119,15 @@ def test_model_evaluation_compares_every_ranker_and_gates_on_popularity(env):
         assert all(0.0 <= metrics[m] <= 1.0 for m in ("recall", "ndcg", "map", "hit_rate", "coverage"))
     assert meta["dlrm_recall_at_20"].value == ev.ranking["dlrm"]["recall"]
     assert "data:image/png;base64," in meta["loss_curves"].value
+    # ranked as the feed of the first held-out day would be: the 90 days of purchases before it excluded
+    assert meta["held_out_from"].value == "2026-03-24"
+    tx = load("transactions")
+    bought_before = tx.filter(pl.col("ts") < pl.datetime(2026, 3, 24)).select("customer_id", "product_id").unique()
+    assert meta["excluded_pairs"].value == bought_before.height
     gate = [c for c in result.get_asset_check_evaluations() if c.check_name == "beats_popularity"]
-    assert len(gate) == 1 and gate[0].passed == (ev.ranking["dlrm"]["recall"] >= ev.ranking["popularity"]["recall"])
+    margin = ev.ranking["dlrm"]["recall"] - ev.ranking["popularity"]["recall"]
+    assert len(gate) == 1 and gate[0].passed  # FAST_TRAINING's margin is -1: any finite recall passes
+    assert gate[0].metadata["margin"].value == pytest.approx(margin)
     # Ranked: the test half's customers with history, none of the validation half the model early-stopped on.
     ex = load("training_examples")
     positives = ex.filter(pl.col("label") == 1.0)
@@ -159,6 +167,32 @@ def test_the_whole_graph_publishes_k_rows_per_customer(env):
         ).fetchone()
     assert (rows, customers, ranks) == (300 * 20, 300, 20)
     assert _materialization(result, "ranked_feed").metadata["dagster/row_count"].value == rows
+    assert [c.passed for c in result.get_asset_check_evaluations() if c.check_name == "published_rows_match"] == [True]
+
+
+def test_published_rows_match_counts_the_published_table_in_the_database(env, monkeypatch):
+    """The check compared the COPY's own count, which publish_feed refuses to switch in when short, so it could
+    never fail; it now counts the version's table after the switch."""
+    from feedpipe.defs import feed
+
+    run, *_ = env
+    assert run(MODEL + ["model_evaluation", "pair_scores", "ranked_feed"]).success
+    real = feed.publish_feed
+
+    def publish_then_lose_a_customer(url, *args, **kwargs):
+        result = real(url, *args, **kwargs)
+        with psycopg.connect(url, autocommit=True) as conn:
+            table = result.table_name  # schema-qualified
+            conn.execute(f"DELETE FROM {table} WHERE customer_id = (SELECT min(customer_id) FROM {table})")
+        return result
+
+    monkeypatch.setattr(feed, "publish_feed", publish_then_lose_a_customer)
+    short = run(["ranked_feed"])
+    (check,) = [c for c in short.get_asset_check_evaluations() if c.check_name == "published_rows_match"]
+    assert not check.passed
+    meta = {k: v.value for k, v in check.metadata.items()}
+    assert (meta["rows_sent"], meta["customers_sent"]) == (300 * 20, 300)
+    assert (meta["rows_in_table"], meta["customers_in_table"]) == (299 * 20, 299)
 
 
 def test_a_model_below_the_auc_floor_publishes_nothing_and_yesterdays_feed_stays(env):
@@ -197,6 +231,50 @@ def test_a_model_that_loses_to_popularity_by_the_margin_is_not_published(env):
     (failure,) = rescored.get_step_failure_events()
     assert "failed beats_popularity" in failure.step_failure_data.error.message
     assert not result.asset_materializations_for_node("ranked_feed")
+
+
+def test_the_gate_fails_a_tie_at_the_default_margin_and_says_when_no_customer_could_be_judged(env, monkeypatch):
+    from feedpipe.defs import evaluation
+
+    run, *_ = env
+    run(MODEL)
+    real = evaluation.evaluate_rankers
+
+    def evaluated(change):
+        def evaluate(*args, **kwargs):
+            ev = real(*args, **kwargs)
+            change(ev)
+            return ev
+        return evaluate
+
+    def tie(ev):
+        ev.ranking["dlrm"] = dict(ev.ranking["popularity"])
+
+    def nobody(ev):
+        ev.customers = 0
+        for metrics in ev.ranking.values():
+            metrics.update(recall=float("nan"), ndcg=float("nan"))
+
+    default_margin = {"ops": {"model_evaluation": {"config": {"lightgbm": False}}}}
+    for change, says in ((tie, r"does not beat popularity .* by 0.0 on \d+ customers"),
+                         (nobody, r"no customer of the test half .* validation_days")):
+        monkeypatch.setattr(evaluation, "evaluate_rankers", evaluated(change))
+        result = run(["model_evaluation"], run_config=default_margin, raise_on_error=False)
+        (gate,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "beats_popularity"]
+        assert not result.success and not gate.passed
+        assert re.search(says, gate.description), gate.description
+
+
+def test_pair_scores_refuses_exclusions_other_than_those_the_gate_judged(env):
+    """The launchpad does not run `feedpipe run`'s cross-asset checks: the step compares for itself."""
+    run, *_ = env
+    run(MODEL + ["model_evaluation"])
+    other = {"ops": {"pair_scores": {"config": {"exclude_window_days": 30}}}}
+    result = run(["pair_scores"], run_config=other, raise_on_error=False)
+    (failure,) = result.get_step_failure_events()
+    assert ("pair_scores.exclude_window_days is 30 but model_evaluation judged the model with 90"
+            in failure.step_failure_data.error.message)
+    assert run(["pair_scores"]).success
 
 
 def test_a_model_never_evaluated_is_not_scored(env):

@@ -50,6 +50,11 @@ def test_report_reads_the_evaluation_under_the_artifacts_root_it_is_given(tmp_pa
     assert cli.main(["report", "--json", "--artifacts", str(tmp_path / "elsewhere")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["auc"] == 0.9 and report["ranking"]["dlrm"]["recall"] == 0.5
+    # LightGBM turned off is said (null), not left out; no publish time is null, not the text "None"
+    assert report["ranking"]["lightgbm"] is None and "oracle" not in report["ranking"]
+    assert report["published_at"] is None
+    assert cli.main(["report", "--artifacts", str(tmp_path / "elsewhere")]) == 0  # the table skips the missing
+    assert "dlrm" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -331,6 +336,11 @@ def test_a_failed_check_that_did_not_stop_the_run_is_listed_with_what_it_says():
     ({"pair_scores": {"config": {"top_n": 0}}}, "pair_scores.top_n"),
     ({"ranked_feed": {"config": {"k": 200}}}, "ranked_feed.k: 200 is more than pair_scores.top_n (100)"),
     ({"model_evaluation": {"config": {"k": 0}}}, "model_evaluation.k"),
+    ({"ranked_feed": {"config": {"k": 50}}}, "model_evaluation.k: 20 is not ranked_feed.k (50)"),
+    ({"pair_scores": {"config": {"exclude_purchased": False}}},
+     "model_evaluation.exclude_purchased: True is not pair_scores.exclude_purchased (False)"),
+    ({"model_evaluation": {"config": {"exclude_window_days": 30}}},
+     "model_evaluation.exclude_window_days: 30 is not pair_scores.exclude_window_days (90)"),
 ])
 def test_config_mistakes_of_late_steps_are_refused_before_any_work(tmp_path, capsys, ops, named):
     import yaml

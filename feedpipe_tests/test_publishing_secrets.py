@@ -91,11 +91,11 @@ def test_publish_and_its_failures_never_show_the_password(password_url, caplog, 
 
 
 def test_ranked_feed_resource_config_metadata_and_failures_never_show_the_password(
-    password_url, monkeypatch, caplog, capfd
+    password_url, monkeypatch, caplog, capfd, tmp_path
 ):
     from feedpipe.defs.feed import ranked_feed
     from feedpipe.defs.partitions import feed_date_partitions
-    from feedpipe.defs.resources import DatabaseResource
+    from feedpipe.defs.resources import ArtifactsResource, DatabaseResource
     from feedpipe.training import TrainedModel
 
     caplog.set_level(logging.DEBUG)
@@ -124,7 +124,8 @@ def test_ranked_feed_resource_config_metadata_and_failures_never_show_the_passwo
         return dg.materialize(
             [ranked_feed, *(dg.SourceAsset(key, partitions_def=feed_date_partitions) for key in upstream)],
             partition_key=DAY.isoformat(),
-            resources={"database": database, "io_manager": UpstreamValues()},
+            resources={"database": database, "io_manager": UpstreamValues(),
+                       "artifacts": ArtifactsResource(root=str(tmp_path / "artifacts"))},
             instance=instance,
             raise_on_error=False,
         )

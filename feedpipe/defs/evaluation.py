@@ -1,6 +1,7 @@
 """model_evaluation: the model's ranking against popularity, LightGBM and (demo data) the oracle,
 with the blocking gate that keeps a model losing to popularity from reaching the feed."""
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -8,18 +9,26 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from feedpipe.defs.metadata import markdown_table
+from feedpipe.defs.ingest import feed_date_of
+from feedpipe.defs.metadata import latest_metadata, markdown_table
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ArtifactsResource, DataResource
-from feedpipe.model_evaluation import evaluate_rankers, held_out_scores
+from feedpipe.model_evaluation import HeldOut, evaluate_rankers
 from feedpipe.plots import loss_curves, score_histogram
 from feedpipe.training import TrainedModel
+from feedpipe.training_examples import Window, purchased_pairs, window_transactions
 
 
 class EvaluationConfig(dg.Config):
     k: int = Field(default=20, ge=1, description="Ranking cut-off for recall/NDCG/MAP/hit rate (the feed length).")
     max_customers: int = Field(default=3000, ge=1, description="Evaluated customers (a deterministic sample above this).")
     lightgbm: bool = Field(default=True, description="Train and rank with the LightGBM baseline.")
+    # The feed's exclusions (pair_scores' settings of the same names; `feedpipe run` refuses a run config where
+    # they differ): every ranker is judged on what the feed could have shown.
+    exclude_purchased: bool = Field(default=True, description="As pair_scores': rank without what the customer "
+                                    "bought in the exclusion window before the held-out days.")
+    exclude_window_days: int = Field(default=90, ge=1, description="As pair_scores': how far back before the held-out "
+                                     "days a purchase excludes a product.")
     min_margin_over_popularity: float = Field(
         default=0.0, description="Blocking gate: DLRM recall@K must exceed popularity's by more than this "
         "(at the default 0 a tie fails: a model that only matches popularity is not worth publishing)."
@@ -47,17 +56,30 @@ def model_evaluation(
     training_examples: pl.DataFrame,
     customers: pl.DataFrame,
     products: pl.DataFrame,
+    transactions: pl.DataFrame,
 ):
-    """recall, NDCG, MAP, hit rate @K and coverage for every ranker on the held-out days; AUC and log loss."""
+    """recall, NDCG, MAP, hit rate @K and coverage for every ranker on the held-out days; AUC and log loss.
+
+    Ranked as a feed published on the first held-out day would be: its exclusions, its length."""
+    holdout_start = latest_metadata(context.instance, "training_examples", context.partition_key).get("holdout_start")
+    if holdout_start is None:
+        raise dg.Failure(f"training_examples for {feed_date_of(context)} was stored without its holdout_start (by an "
+                         "earlier feedpipe): materialize training_examples again")
+    exclude = None
+    if config.exclude_purchased:
+        window = Window.last_days(dt.date.fromisoformat(holdout_start), config.exclude_window_days)
+        exclude = purchased_pairs(window_transactions(transactions, window))
     truth_path = data.truth_path()
     truth = pl.read_parquet(truth_path) if truth_path is not None and truth_path.exists() else None
+    held_out = HeldOut.of(dlrm_model, training_examples)  # one forward pass for the AUC and the histogram
     ev = evaluate_rankers(
         dlrm_model, training_examples, customers, products,
         k=config.k, max_customers=config.max_customers, truth=truth, with_lightgbm=config.lightgbm,
+        held_out=held_out, exclude=exclude,
     )
     # Kept by model version too, so `feedpipe report` finds the evaluation of the model being served.
     ev.save(artifacts.path("evaluations", ev.model_version))
-    pos, neg = held_out_scores(dlrm_model, training_examples)
+    pos, neg = held_out.probabilities()
     m = dlrm_model.metrics
     dlrm, pop = ev.ranking["dlrm"], ev.ranking["popularity"]
     numeric = {f"{name}_recall_at_{ev.k}": r["recall"] for name, r in ev.ranking.items()}
@@ -71,6 +93,8 @@ def model_evaluation(
             "held_out_logloss": ev.model["logloss"],
             **numeric,
             "evaluated_customers": ev.customers,
+            "held_out_from": holdout_start,
+            "excluded_pairs": 0 if exclude is None else exclude.height,
             "model_version": ev.model_version,
             "loss_curves": dg.MetadataValue.md(loss_curves(m.get("history", []), m.get("loss_curve", []))),
             "score_histogram": dg.MetadataValue.md(score_histogram(pos, neg)),
@@ -82,27 +106,36 @@ def model_evaluation(
     metric = gate_metric(ev.k, products.height)
     margin = dlrm[metric] - pop[metric]
     passed = margin > config.min_margin_over_popularity  # NaN (no evaluated customers) fails too
-    record_gate(artifacts.path("evaluations", ev.model_version), bool(passed), f"{metric}@{ev.k}", margin)
+    if ev.customers == 0:
+        why = ("no customer of the test half has purchases both before the held-out days and new ones in them, "
+               "so no ranker could be judged: the feed is not published and yesterday's stays current (more "
+               "validation_days or window_days in training_examples give the evaluation customers)")
+    else:
+        why = (f"DLRM {metric}@{ev.k} {dlrm[metric]:.4f} does not beat popularity {pop[metric]:.4f} by "
+               f"{config.min_margin_over_popularity} on {ev.customers:,} customers: the feed is not published "
+               "and yesterday's stays current")
+    judged = {"k": ev.k, "exclude_purchased": config.exclude_purchased, "exclude_window_days": config.exclude_window_days}
+    record_gate(artifacts.path("evaluations", ev.model_version), bool(passed), f"{metric}@{ev.k}", margin, judged)
     yield dg.AssetCheckResult(
         check_name="beats_popularity",
         passed=bool(passed),
         metadata={f"dlrm_{metric}": dlrm[metric], f"popularity_{metric}": pop[metric], "margin": margin,
-                  "required_margin": config.min_margin_over_popularity, "compared": f"{metric}@{ev.k}"},
-        description=None if passed else (
-            f"DLRM {metric}@{ev.k} {dlrm[metric]:.4f} does not beat popularity {pop[metric]:.4f} by "
-            f"{config.min_margin_over_popularity}: the feed is not published and yesterday's stays current"
-        ),
+                  "required_margin": config.min_margin_over_popularity, "compared": f"{metric}@{ev.k}",
+                  "evaluated_customers": ev.customers},
+        description=None if passed else why,
     )
 
 
 GATE_FILE = "beats_popularity.json"
 
 
-def record_gate(directory: Path, passed: bool, compared: str, margin: float) -> None:
+def record_gate(directory: Path, passed: bool, compared: str, margin: float, judged: dict | None = None) -> None:
     """The gate's verdict beside the model's evaluation. Dagster stores a model before a blocking check fails
-    its run, so a later pair_scores of the same date reads this to refuse a model that lost to popularity."""
+    its run, so a later pair_scores of the same date reads this to refuse a model that lost to popularity.
+    `judged`: the feed settings it was judged with (k, exclusions), which the feed's steps compare with theirs."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / GATE_FILE).write_text(json.dumps({"passed": passed, "compared": compared, "margin": margin}))
+    verdict = {"passed": passed, "compared": compared, "margin": margin, "judged": judged or {}}
+    (directory / GATE_FILE).write_text(json.dumps(verdict))
 
 
 def gate_failure(directory: Path) -> str | None:
@@ -118,6 +151,16 @@ def gate_failure(directory: Path) -> str | None:
     if verdict["passed"]:
         return None
     return f"it failed beats_popularity ({verdict['compared']} margin {verdict['margin']:.4f})"
+
+
+def judged_otherwise(directory: Path, asset: str, **settings) -> list[str]:
+    """Which of a feed step's settings differ from those the model's evaluation judged it with, one line each.
+
+    `feedpipe run` refuses such a run config before any work; this catches the launchpad and a step run alone."""
+    path = directory / GATE_FILE
+    judged = json.loads(path.read_text()).get("judged", {}) if path.exists() else {}
+    return [f"{asset}.{name} is {value!r} but model_evaluation judged the model with {judged[name]!r}"
+            for name, value in settings.items() if name in judged and judged[name] != value]
 
 
 def gate_metric(k: int, products: int) -> str:

@@ -9,10 +9,12 @@ from pydantic import Field, field_validator
 from feedpipe.contract import CUSTOMER_ID, PRODUCT_ID
 from feedpipe.defs.ingest import feed_date_of
 from feedpipe.defs.launchers import GPU_STEP_TAGS, LauncherResource
-from feedpipe.defs.metadata import frame_metadata
+from feedpipe.defs.metadata import frame_metadata, latest_metadata
 from feedpipe.defs.partitions import feed_date_partitions
-from feedpipe.defs.evaluation import gate_failure
+from feedpipe.defs.evaluation import gate_failure, judged_otherwise
 from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DatabaseResource
+from feedpipe.database import connect
+from feedpipe.feed_queries import version_counts
 from feedpipe.publishing import FeedArrays, publish_feed
 from feedpipe.ranking import (
     RANK, SCORE, customers_without_scores, model_ranking, top_k_overlap, unavailable_products,
@@ -27,7 +29,8 @@ class ScoringConfig(dg.Config):
     # Bounds here rather than checks in the body: `feedpipe run` validates every asset's config before any step.
     top_n: int = Field(default=100, ge=1, description="Products kept per customer in pair_scores.")
     exclude_purchased: bool = Field(default=True, description="Drop products the customer bought in the window.")
-    exclude_window_days: int = Field(default=90, description="How far back a purchase excludes a product from the feed.")
+    exclude_window_days: int = Field(default=90, ge=1, description="How far back a purchase excludes a product from "
+                                     "the feed.")
     dtype: str = Field(
         default="fp32",
         description="fp32 (exact), bf16 (3-4x faster where the CPU has AMX; may swap near-ties), or bf16-rerank "
@@ -91,6 +94,12 @@ def pair_scores(
         failed = f"it failed validation_auc_floor (AUC {dlrm_model.metrics.get('validation_auc')})"
     if failed is not None:
         raise dg.Failure(f"dlrm_model {dlrm_model.version} is stored but not scored: {failed}; train this date again")
+    otherwise = judged_otherwise(artifacts.path("evaluations", dlrm_model.version), "pair_scores",
+                                 exclude_purchased=config.exclude_purchased,
+                                 exclude_window_days=config.exclude_window_days)
+    if otherwise:
+        raise dg.Failure("; ".join(otherwise) + ": the gate passed another ranking than this one. Set "
+                         "model_evaluation's config to match and materialize it again, or this step's back")
     try:
         window = Window.last_days(feed_date_of(context), config.exclude_window_days)
         chosen = precision(config.dtype)
@@ -165,29 +174,26 @@ def pair_scores(
     )
 
 
-def scored_metadata(instance: dg.DagsterInstance, partition_key: str) -> dict:
-    """pair_scores' latest materialization's metadata values for this feed date ({}: none recorded)."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("pair_scores"), asset_partitions=[partition_key]), limit=1
-    ).records
-    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()} if records else {}
-
-
 @dg.asset(
     partitions_def=feed_date_partitions,
     group_name="feed",
     kinds={"postgres"},
-    check_specs=[dg.AssetCheckSpec("published_rows_match", asset="ranked_feed")],
+    check_specs=[dg.AssetCheckSpec(
+        "published_rows_match", asset="ranked_feed",
+        description="The published version's table, counted in the database after the switch, holds every row "
+                    "and customer that was sent.",
+    )],
 )
 def ranked_feed(
     context: dg.AssetExecutionContext,
     config: FeedConfig,
     database: DatabaseResource,
+    artifacts: ArtifactsResource,
     pair_scores: pl.DataFrame,
     dlrm_model: TrainedModel,
 ) -> dg.MaterializeResult:
     """Top K per customer, COPY'd into a new versioned table and switched into `feedpipe.current_feed` atomically."""
-    scored = scored_metadata(context.instance, context.partition_key)
+    scored = latest_metadata(context.instance, "pair_scores", context.partition_key)
     if scored.get("passed_blocking_checks") is False:
         raise dg.Failure(
             f"pair_scores for {context.partition_key} is stored but failed its blocking checks (no_null_ids or "
@@ -203,6 +209,10 @@ def ranked_feed(
     # The model that made these scores: a later dlrm_model of this date (one that failed its check, say)
     # may have replaced the stored model since pair_scores ran.
     model_version = scored.get("model_version") or dlrm_model.version
+    # Another length is the same ranking cut elsewhere (other exclusions would not be: pair_scores refuses those)
+    otherwise = judged_otherwise(artifacts.path("evaluations", model_version), "ranked_feed", k=config.k)
+    if otherwise:
+        context.log.warning("; ".join(otherwise) + ": the gate measured recall on another feed length")
     result = publish_feed(
         database.url(),
         FeedArrays(
@@ -217,7 +227,11 @@ def ranked_feed(
         retention=config.retention,
         replace_newer=config.serve_older_feed_date,
     )
-    in_table = result.rows_loaded  # what the server's COPY stored, not what was sent
+    # Read back after the switch, apart from the COPY's own count (which publish_feed has already checked):
+    # what readers of this version's table will find.
+    with connect(database.url()) as conn:
+        in_table, customers_in_table = version_counts(conn, result.version)
+    customers_sent = feed.get_column(CUSTOMER_ID).n_unique()
     if not result.served:
         context.log.warning(
             f"feed version {result.version} for {feed_date_of(context)} is loaded but not served: the served feed is "
@@ -239,8 +253,9 @@ def ranked_feed(
         check_results=[
             dg.AssetCheckResult(
                 check_name="published_rows_match",
-                passed=in_table == feed.height,
-                metadata={"expected": feed.height, "in_table": in_table, "sent": result.rows},
+                passed=in_table == feed.height and customers_in_table == customers_sent,
+                metadata={"rows_sent": feed.height, "rows_in_table": in_table,
+                          "customers_sent": customers_sent, "customers_in_table": customers_in_table},
             )
         ],
     )

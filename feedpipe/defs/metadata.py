@@ -28,3 +28,11 @@ def markdown_table(rows: list[dict]) -> dg.MetadataValue:
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
     return dg.MetadataValue.md("\n".join(lines))
+
+
+def latest_metadata(instance: dg.DagsterInstance, asset: str, partition_key: str) -> dict:
+    """An asset's latest materialization's metadata values for this partition ({}: none recorded)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition_key]), limit=1
+    ).records
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()} if records else {}

@@ -17,7 +17,7 @@ from feedpipe.defs.metadata import frame_metadata, markdown_table
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ArtifactsResource, ComputeResource, DataResource
 from feedpipe.training import ARTICLE_PRESET, TrainConfig, TrainedModel, model_shape, split_examples, train_dlrm
-from feedpipe.training_examples import SPLIT, ExampleConfig, attach_features, build_training_examples
+from feedpipe.training_examples import SPLIT, ExampleConfig, Window, attach_features, build_training_examples
 from feedpipe.vocabularies import Vocabularies, build_vocabularies, encode_table, side_specs
 
 
@@ -135,6 +135,8 @@ def training_examples(
             examples,
             unmatched_rows=pairs.height - examples.height,
             split_counts=markdown_table(counts.to_dicts()),
+            # model_evaluation ranks as a feed published on this day would, with that feed's exclusions
+            holdout_start=str(Window.for_feed_date(feed_date_of(context), config.core()).holdout.date()),
         ),
     )
 
