@@ -143,7 +143,8 @@ def _check_asset_configs(run_config: dict, path: str | None) -> None:
         try:
             config_class(**given)
         except pydantic.ValidationError as e:
-            problems += [f"  {node.name}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+            # A check across fields (a model validator) has no location: the step's name alone
+            problems += [f"  {'.'.join(map(str, (node.name, *err['loc'])))}: {err['msg']}" for err in e.errors()]
     problems += _cross_asset_problems(ops)
     if problems:
         raise UsageError(f"--run-config {path} does not fit the job's config:\n" + "\n".join(problems))

@@ -156,6 +156,12 @@ def _check_transactions(raw: RawTable, policy: RejectionPolicy, feed_date: date 
         Rejection("missing_ts", contract.TS, ~ts_present, TS_FORMATS),
         Rejection("invalid_ts", contract.TS, typed.get_column(contract.TS).is_null(), TS_FORMATS),
     ]
+    # Before the quantity's reasons, as documented: a row of a later day is no concern of this feed date's, so
+    # a backfill that exempts ts_after_feed_date exempts all of them, bad quantities included.
+    if feed_date is not None:
+        cutoff = datetime.combine(feed_date, datetime.min.time())
+        rejections.append(Rejection("ts_after_feed_date", contract.TS, typed.get_column(contract.TS) >= cutoff,
+                                    f"a timestamp before the feed date {feed_date} (the feed is built from the past)"))
     if quantity_dtype is not None:
         stored_quantity = frame.select(present(pl.col(contract.QUANTITY), quantity_dtype)).to_series()
         rejections += [
@@ -164,10 +170,6 @@ def _check_transactions(raw: RawTable, policy: RejectionPolicy, feed_date: date 
             Rejection("non_positive_quantity", contract.QUANTITY, typed.get_column(contract.QUANTITY) <= 0,
                       "a quantity above zero"),
         ]
-    if feed_date is not None:
-        cutoff = datetime.combine(feed_date, datetime.min.time())
-        rejections.append(Rejection("ts_after_feed_date", contract.TS, typed.get_column(contract.TS) >= cutoff,
-                                    f"a timestamp before the feed date {feed_date} (the feed is built from the past)"))
     typed = typed.with_columns(pl.col(contract.QUANTITY).fill_null(1.0))
     return TableLoad.build(stored, frame, typed, rejections, offset=raw.offset)
 

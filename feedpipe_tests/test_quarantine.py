@@ -125,7 +125,9 @@ def test_policy_failure_names_source_column_rows_expectation_and_rejected_file(t
 
 
 def test_exempt_reasons_are_counted_but_not_held_against_the_fraction(tmp_path):
-    rows = good_rows(4) + "c1,p1,2024-04-01,1\nc1,p1,2024-05-01,1\n"
+    # The last two are of later days, one with a quantity of 0 too: a later day's row is no concern of this feed
+    # date's (the documented order puts ts_after_feed_date first), so a backfill's exemption covers it.
+    rows = good_rows(4) + "c1,p1,2024-04-01,1\nc1,p1,2024-05-01,0\n"
     load = load_transactions(stored_csv(tmp_path, TRANSACTIONS, HEADER + rows), feed_date=FEED_DATE)
 
     enforce_policy(load, RejectionPolicy(exempt_reasons=("ts_after_feed_date",)))

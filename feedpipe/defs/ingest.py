@@ -22,7 +22,7 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from feedpipe.contract import AVAILABLE, CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS, TRANSACTIONS, TS
 from feedpipe.database import DatabaseError
@@ -84,12 +84,16 @@ class RejectionPolicyConfig(dg.Config):
     max_id_chars: int = Field(default=256, description="Longer ids are rejected (text_too_long).")
     max_text_chars: int = Field(default=1024, description="Longer text attribute values are rejected (text_too_long).")
 
+    # Checked when the config is built (InputError is a ValueError, so pydantic reports it): `feedpipe run`
+    # builds every asset's config before any step runs.
+    @model_validator(mode="after")
+    def _consistent(self) -> "RejectionPolicyConfig":
+        self.policy()
+        return self
+
     def policy(self) -> RejectionPolicy:
-        try:
-            return RejectionPolicy(self.max_rejected_fraction, tuple(self.exempt_reasons), self.max_id_chars,
-                                   self.max_text_chars)
-        except InputError as exc:
-            raise dg.Failure(f"rejection policy config: {exc}") from None
+        return RejectionPolicy(self.max_rejected_fraction, tuple(self.exempt_reasons), self.max_id_chars,
+                               self.max_text_chars)
 
 
 class TransactionsConfig(RejectionPolicyConfig):

@@ -6,7 +6,7 @@ from dataclasses import asdict, fields, replace
 from typing import Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, model_validator
 import polars as pl
 
 from feedpipe.contract import CUSTOMER_ID, CUSTOMERS, PRODUCT_ID, PRODUCTS
@@ -22,7 +22,7 @@ from feedpipe.vocabularies import Vocabularies, build_vocabularies, encode_table
 
 
 class VocabularyConfig(dg.Config):
-    min_count: int = Field(default=2, description="Attribute values seen fewer times map to the OOV index.")
+    min_count: int = Field(default=2, ge=1, description="Attribute values seen fewer times map to the OOV index.")
 
 
 class ExamplesConfig(dg.Config):
@@ -31,11 +31,15 @@ class ExamplesConfig(dg.Config):
     negatives_per_positive: int = 12
     seed: int = 0
 
+    # A ValueError here is a pydantic error when the config is built: `feedpipe run` builds every asset's
+    # before any step runs, where the dataclass's own check would wait for the step.
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExamplesConfig":
+        self.core()
+        return self
+
     def core(self) -> ExampleConfig:
-        try:
-            return ExampleConfig(self.window_days, self.validation_days, self.negatives_per_positive, self.seed)
-        except ValueError as e:
-            raise dg.Failure(str(e)) from None
+        return ExampleConfig(self.window_days, self.validation_days, self.negatives_per_positive, self.seed)
 
 
 class TrainingConfig(dg.Config):
@@ -60,19 +64,21 @@ class TrainingConfig(dg.Config):
     precision: Optional[str] = Field(default=None, description="Over arch matrix products: auto (bf16 where the hardware has it) | fp32 | bf16.")
     min_validation_auc: float = Field(default=0.6, description="Blocking check: below this the feed is not published.")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainingConfig":  # as ExamplesConfig's
+        self.core()
+        return self
+
     def core(self) -> TrainConfig:
         presets = {"default": TrainConfig(), "article": ARTICLE_PRESET}
         if self.preset not in presets:
-            raise dg.Failure(f"training preset must be one of {sorted(presets)}, got {self.preset!r}")
+            raise ValueError(f"training preset must be one of {sorted(presets)}, got {self.preset!r}")
         overrides = {
             f.name: tuple(v) if isinstance(v, list) else v
             for f in fields(TrainConfig)
             if (v := getattr(self, f.name, None)) is not None
         }
-        try:
-            return replace(presets[self.preset], **overrides)
-        except ValueError as e:
-            raise dg.Failure(str(e)) from None
+        return replace(presets[self.preset], **overrides)
 
 
 @dg.asset(partitions_def=feed_date_partitions, group_name="model")
