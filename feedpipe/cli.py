@@ -424,7 +424,8 @@ def cmd_report(args) -> int:
         print(f"  no evaluation found for this model under {ev_dir}")
         return 0
     # On the test half: held-out customers the model was not early-stopped on (training_examples.TEST)
-    print(f"  held-out AUC {report['model']['auc']:.4f}, log loss {report['model']['logloss']:.4f}")
+    print(f"  held-out AUC {report['model']['auc']:.4f}, log loss {report['model']['logloss']:.4f}; ranked for "
+          f"{report['ranking']['customers']:,} held-out customers with history")
     k = report["ranking"]["k"]
     print(f"  {'ranker':<12} {'recall@' + str(k):>10} {'ndcg@' + str(k):>10} {'map@' + str(k):>10} {'hit@' + str(k):>10} {'coverage':>10}")
     for name, m in report["ranking"].items():

@@ -54,7 +54,8 @@ def test_report_reads_the_evaluation_under_the_artifacts_root_it_is_given(tmp_pa
     assert report["ranking"]["lightgbm"] is None and "oracle" not in report["ranking"]
     assert report["published_at"] is None
     assert cli.main(["report", "--artifacts", str(tmp_path / "elsewhere")]) == 0  # the table skips the missing
-    assert "dlrm" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "dlrm" in text and "ranked for 2 held-out customers with history" in text
 
 
 @pytest.mark.parametrize("argv, message", [
