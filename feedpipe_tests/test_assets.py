@@ -265,6 +265,23 @@ def test_the_gate_fails_a_tie_at_the_default_margin_and_says_when_no_customer_co
         assert re.search(says, gate.description), gate.description
 
 
+def test_an_evaluation_in_an_instance_without_the_examples_record_excludes_the_training_days(env, tmp_path, demo_dir):
+    """stage_memory.py materializes each asset in a fresh instance: the examples' holdout_start is not there."""
+    from feedpipe.definitions import build_resources
+
+    run, load, _, _ = env
+    run(MODEL)
+    resources = build_resources(artifacts_root=str(tmp_path / "artifacts"), data_dir=str(demo_dir))
+    result = dg.materialize(ASSETS, selection=["model_evaluation"], partition_key=FEED_DATE, resources=resources,
+                            instance=dg.DagsterInstance.ephemeral(),
+                            run_config={"ops": {"model_evaluation": FAST_TRAINING["ops"]["model_evaluation"]}})
+    meta = _materialization(result, "model_evaluation").metadata
+    assert meta["held_out_from"].value == "not recorded" and "training days" in meta["excluded"].value
+    ex = load("training_examples")
+    trained = ex.filter((pl.col("label") == 1.0) & (pl.col("split") == "train")).select("customer_id", "product_id")
+    assert meta["excluded_pairs"].value == trained.unique().height
+
+
 def test_pair_scores_refuses_exclusions_other_than_those_the_gate_judged(env):
     """The launchpad does not run `feedpipe run`'s cross-asset checks: the step compares for itself."""
     run, *_ = env

@@ -13,7 +13,7 @@ from feedpipe.defs.ingest import feed_date_of
 from feedpipe.defs.metadata import latest_metadata, markdown_table
 from feedpipe.defs.partitions import feed_date_partitions
 from feedpipe.defs.resources import ArtifactsResource, DataResource
-from feedpipe.model_evaluation import HeldOut, evaluate_rankers
+from feedpipe.model_evaluation import HeldOut, evaluate_rankers, split_pairs
 from feedpipe.plots import loss_curves, score_histogram
 from feedpipe.training import TrainedModel
 from feedpipe.training_examples import Window, purchased_pairs, window_transactions
@@ -62,13 +62,18 @@ def model_evaluation(
 
     Ranked as a feed published on the first held-out day would be: its exclusions, its length."""
     holdout_start = latest_metadata(context.instance, "training_examples", context.partition_key).get("holdout_start")
-    if holdout_start is None:
-        raise dg.Failure(f"training_examples for {feed_date_of(context)} was stored without its holdout_start (by an "
-                         "earlier feedpipe): materialize training_examples again")
-    exclude = None
-    if config.exclude_purchased:
+    exclude, excluded = None, "nothing (exclude_purchased is off)"
+    if config.exclude_purchased and holdout_start is not None:
         window = Window.last_days(dt.date.fromisoformat(holdout_start), config.exclude_window_days)
         exclude = purchased_pairs(window_transactions(transactions, window))
+        excluded = f"the {config.exclude_window_days} days' purchases before {holdout_start}, as the feed's"
+    elif config.exclude_purchased:
+        # The examples' values are stored but this instance holds no record of their materialization (a
+        # benchmark's fresh instance, say): their training days' purchases are the nearest to the feed's.
+        exclude = split_pairs(training_examples)[0]
+        excluded = "the training days' purchases (no holdout_start recorded for training_examples here)"
+        context.log.warning(f"training_examples for {feed_date_of(context)} has no holdout_start in this instance's "
+                            "records, so the evaluation excludes the training days' purchases, not the feed's window")
     truth_path = data.truth_path()
     truth = pl.read_parquet(truth_path) if truth_path is not None and truth_path.exists() else None
     held_out = HeldOut.of(dlrm_model, training_examples)  # one forward pass for the AUC and the histogram
@@ -93,7 +98,8 @@ def model_evaluation(
             "held_out_logloss": ev.model["logloss"],
             **numeric,
             "evaluated_customers": ev.customers,
-            "held_out_from": holdout_start,
+            "held_out_from": holdout_start or "not recorded",
+            "excluded": excluded,
             "excluded_pairs": 0 if exclude is None else exclude.height,
             "model_version": ev.model_version,
             "loss_curves": dg.MetadataValue.md(loss_curves(m.get("history", []), m.get("loss_curve", []))),
