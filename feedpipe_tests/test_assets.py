@@ -194,6 +194,17 @@ def test_published_rows_match_counts_the_published_table_in_the_database(env, mo
     assert (meta["rows_sent"], meta["customers_sent"]) == (300 * 20, 300)
     assert (meta["rows_in_table"], meta["customers_in_table"]) == (299 * 20, 299)
 
+    def publish_then_drop_the_table(url, *args, **kwargs):  # as a later publish's retention may
+        result = real(url, *args, **kwargs)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP VIEW feedpipe.current_feed_version, feedpipe.current_feed; DROP TABLE {result.table_name}")
+        return result
+
+    monkeypatch.setattr(feed, "publish_feed", publish_then_drop_the_table)
+    gone = run(["ranked_feed"])  # the step succeeds: the feed was published; the check says what it could not do
+    (check,) = [c for c in gone.get_asset_check_evaluations() if c.check_name == "published_rows_match"]
+    assert not check.passed and "could not be counted: UndefinedTable" in check.description
+
 
 def test_a_model_below_the_auc_floor_publishes_nothing_and_yesterdays_feed_stays(env):
     run, _, pg_url, _ = env
