@@ -163,22 +163,22 @@ def _cross_asset_problems(ops: dict) -> list[str]:
     from feedpipe.defs.feed import FeedConfig, ScoringConfig
 
     def setting(asset, config_class, name):
-        value = (_op_config(ops, asset) or {}).get(name, config_class.model_fields[name].default)
-        return value if isinstance(value, int) else None  # a wrong type is the config class's to report
+        return (_op_config(ops, asset) or {}).get(name, config_class.model_fields[name].default)
 
     k = setting("ranked_feed", FeedConfig, "k")
     top_n = setting("pair_scores", ScoringConfig, "top_n")
     evaluated_k = setting("model_evaluation", EvaluationConfig, "k")
     problems = []
-    if k is not None and top_n is not None and k > top_n:
+    # A value of the wrong type is the config class's to report
+    if isinstance(k, int) and isinstance(top_n, int) and k > top_n:
         problems.append(f"  ranked_feed.k: {k} is more than pair_scores.top_n ({top_n}): the feed would be cut at "
                         f"{top_n}")
-    if k is not None and evaluated_k is not None and k != evaluated_k:
+    if isinstance(k, int) and isinstance(evaluated_k, int) and k != evaluated_k:
         problems.append(f"  model_evaluation.k: {evaluated_k} is not ranked_feed.k ({k}): the gate would judge a "
                         "feed of another length than the one published; set both")
     for name in ("exclude_purchased", "exclude_window_days"):  # the gate judges the feed's own exclusions
-        scored = (_op_config(ops, "pair_scores") or {}).get(name, ScoringConfig.model_fields[name].default)
-        evaluated = (_op_config(ops, "model_evaluation") or {}).get(name, EvaluationConfig.model_fields[name].default)
+        scored = setting("pair_scores", ScoringConfig, name)
+        evaluated = setting("model_evaluation", EvaluationConfig, name)
         if scored != evaluated:
             problems.append(f"  model_evaluation.{name}: {evaluated!r} is not pair_scores.{name} ({scored!r}): the "
                             "gate would judge other exclusions than the feed's; set both")

@@ -42,14 +42,20 @@ class LightGBMRanker:
         return f"lightgbm: {self.best_iteration} trees ({stopped}){left_out}"
 
 
+def _left_out(specs: list[FeatureSpec], sizes: dict[str, int]) -> tuple[str, ...]:
+    """Multi-valued features whose vocabulary is too wide for multi-hot columns."""
+    return tuple(feature_key(s) for s in specs if s.role == MULTI_CATEGORICAL and sizes[feature_key(s)] > MAX_MULTI_HOT)
+
+
 def _feature_columns(frame: pl.DataFrame, specs: list[FeatureSpec], sizes: dict[str, int]) -> tuple[pl.DataFrame, list[str]]:
     cols, categorical = [], []
+    left_out = _left_out(specs, sizes)
     for spec in specs:
         key = feature_key(spec)
         if spec.role == DENSE:
             cols.append(pl.col(key).cast(pl.Float32))
         elif spec.role == MULTI_CATEGORICAL:
-            if sizes[key] > MAX_MULTI_HOT:
+            if key in left_out:
                 continue
             cols += [pl.col(key).list.contains(i).cast(pl.Float32).alias(f"{key}={i}") for i in range(sizes[key])]
         else:
@@ -97,9 +103,8 @@ def train_lightgbm(
         params, train_set, num_boost_round=num_boost_round, valid_sets=[valid_set],
         callbacks=[lgb.early_stopping(20, verbose=False)],
     )
-    skipped = tuple(feature_key(s) for s in specs if s.role == MULTI_CATEGORICAL and sizes[feature_key(s)] > MAX_MULTI_HOT)
     return LightGBMRanker(booster, x_train.columns, categorical, specs, sizes,
-                          booster.best_iteration or num_boost_round, num_boost_round, skipped)
+                          booster.best_iteration or num_boost_round, num_boost_round, _left_out(specs, sizes))
 
 
 def lightgbm_ranking(

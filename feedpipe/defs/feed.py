@@ -230,7 +230,7 @@ def ranked_feed(
     )
     # Read back after the switch, apart from the COPY's own count (which publish_feed has already checked):
     # what readers of this version's table will find.
-    customers_sent = feed.get_column(CUSTOMER_ID).n_unique()
+    customers_sent = result.customers  # counted from what was sent, beside the COPY
     unreadable = None
     try:
         with connect(database.url()) as conn:
